@@ -1,0 +1,141 @@
+"""What every command shares: repository and passphrase options, opening, output and progress."""
+
+from __future__ import annotations
+
+import getpass
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    DownloadColumn,
+    Progress,
+    TimeRemainingColumn,
+    TransferSpeedColumn,
+)
+
+from umbra.errors import PassphraseMissing, UsageError
+from umbra.repo.backends import open_backend
+from umbra.repo.repository import Repository
+
+RepoOption = Annotated[
+    str | None, typer.Option("--repo", "-r", envvar="UMBRA_REPO", help="Repository location (or UMBRA_REPO).")
+]
+JsonOption = Annotated[bool, typer.Option("--json", help="Print a JSON document instead of text.")]
+
+stdout = Console(highlight=False, soft_wrap=True, width=None if sys.stdout.isatty() else 200)
+stderr = Console(stderr=True, highlight=False)
+
+
+def require_repo(location: str | None) -> str:
+    if not location:
+        raise UsageError("no repository given: use --repo or set UMBRA_REPO")
+    return location
+
+
+def _secret_from_env(prefix: str) -> str | None:
+    """A passphrase from PREFIX, PREFIX_FILE or PREFIX_COMMAND, in that order."""
+    if os.environ.get(prefix):
+        return os.environ[prefix]
+    path = os.environ.get(f"{prefix}_FILE")
+    if path:
+        try:
+            with open(path) as f:
+                return f.read().rstrip("\n")
+        except OSError as exc:
+            raise UsageError(f"cannot read {prefix}_FILE {path}: {exc.strerror}") from exc
+    command = os.environ.get(f"{prefix}_COMMAND")
+    if command:
+        proc = subprocess.run(command, shell=True, capture_output=True, text=True, check=False)
+        if proc.returncode != 0:
+            raise UsageError(f"{prefix}_COMMAND failed with exit code {proc.returncode}")
+        return proc.stdout.rstrip("\n")
+    return None
+
+
+def passphrase() -> str | None:
+    """The repository passphrase from the environment, else a prompt on a terminal."""
+    secret = _secret_from_env("UMBRA_PASSWORD")
+    if secret is None and sys.stdin.isatty():
+        secret = getpass.getpass("repository passphrase: ")
+    return secret
+
+
+def new_passphrase() -> str:
+    """A new passphrase: UMBRA_NEW_PASSWORD(_FILE/_COMMAND), else asked twice on a terminal."""
+    secret = _secret_from_env("UMBRA_NEW_PASSWORD")
+    if secret is None and sys.stdin.isatty():
+        secret = getpass.getpass("new passphrase: ")
+        if getpass.getpass("new passphrase again: ") != secret:
+            raise UsageError("the passphrases do not match")
+    if not secret:
+        raise PassphraseMissing("no new passphrase: set UMBRA_NEW_PASSWORD or run on a terminal")
+    return secret
+
+
+@contextmanager
+def open_repository(location: str | None) -> Iterator[Repository]:
+    repo = Repository.open(open_backend(require_repo(location)), passphrase)
+    yield repo
+
+
+def emit_json(doc: Any) -> None:
+    sys.stdout.write(json.dumps(doc, indent=2, default=str) + "\n")
+
+
+class RichProgress:
+    """Progress bar with throughput and ETA on a terminal; silent otherwise."""
+
+    def __init__(self, enabled: bool) -> None:
+        self.enabled = enabled and sys.stderr.isatty()
+        self._bar: Progress | None = None
+        self._task: Any = None
+
+    def start(self, task: str, total_bytes: int) -> None:
+        if not self.enabled:
+            return
+        self._bar = Progress(
+            "[progress.description]{task.description}",
+            BarColumn(),
+            DownloadColumn(),
+            TransferSpeedColumn(),
+            TimeRemainingColumn(),
+            console=stderr,
+            transient=True,
+        )
+        self._bar.start()
+        self._task = self._bar.add_task(task, total=total_bytes)
+
+    def advance(self, nbytes: int) -> None:
+        if self._bar is not None:
+            self._bar.advance(self._task, nbytes)
+
+    def finish(self) -> None:
+        if self._bar is not None:
+            self._bar.stop()
+            self._bar = None
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
+def parse_size(text: str) -> int:
+    units = {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3}
+    t = text.strip().lower().removesuffix("ib").removesuffix("b")
+    unit = t[-1] if t and t[-1] in "kmg" else ""
+    try:
+        return int(t[: len(t) - len(unit)]) * units[unit]
+    except ValueError:
+        raise UsageError(f"cannot read {text!r} as a size (e.g. 64K, 16M)") from None

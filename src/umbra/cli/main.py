@@ -1,0 +1,57 @@
+"""Entry point: builds the typer app and is the one place that turns errors into exit codes."""
+
+from __future__ import annotations
+
+import logging
+import sys
+import traceback
+
+import typer
+
+from umbra import __version__
+from umbra.cli import backup, init_keys, maintenance, points, restore
+from umbra.errors import EXIT_INTERNAL, UmbraError
+
+app = typer.Typer(
+    name="umbra",
+    help="Consistent point-in-time copies of live volumes, kept safe.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+app.command()(init_keys.init)
+app.add_typer(init_keys.key_app, name="key")
+app.command()(backup.backup)
+app.command("list")(points.list_points)
+app.command()(restore.restore)
+app.command()(maintenance.check)
+app.command()(maintenance.prune)
+app.command()(points.diff)
+
+
+@app.command()
+def version() -> None:
+    """Print umbra's version."""
+    print(__version__)
+
+
+def main(argv: list[str] | None = None) -> None:
+    logging.basicConfig(level=logging.WARNING, format="umbra: %(message)s")
+    try:
+        app(args=argv, prog_name="umbra")  # usage errors: message and exit code 2, by click
+    except UmbraError as exc:
+        print(f"umbra: error: {exc}", file=sys.stderr)
+        sys.exit(exc.exit_code)
+    except KeyboardInterrupt:
+        print("umbra: interrupted", file=sys.stderr)
+        sys.exit(130)
+    except Exception:  # noqa: BLE001 - a bug: show everything
+        traceback.print_exc()
+        print(
+            f"umbra: internal error (umbra {__version__}); please report it with the traceback above", file=sys.stderr
+        )
+        sys.exit(EXIT_INTERNAL)
+
+
+if __name__ == "__main__":
+    main()

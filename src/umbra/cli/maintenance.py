@@ -1,0 +1,84 @@
+"""``umbra check`` and ``umbra prune``."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from umbra.cli.common import JsonOption, RepoOption, emit_json, human_bytes, open_repository, stderr, stdout
+from umbra.errors import EXIT_WARNING, CheckFailed
+from umbra.repo.check import check as repo_check
+from umbra.repo.prune import prune as repo_prune
+from umbra.repo.retention import Policy
+
+
+def check(
+    repo: RepoOption = None,
+    read_data: Annotated[bool, typer.Option(help="Read and verify every blob of every pack.")] = False,
+    json_out: JsonOption = False,
+) -> None:
+    """Verify the repository's structure (and with --read-data, all data)."""
+    with open_repository(repo) as r, r.lock(exclusive=False):
+        result = repo_check(r, read_data)
+    if json_out:
+        emit_json(
+            {
+                "ok": result.ok,
+                "errors": result.errors,
+                "warnings": result.warnings,
+                "points": result.points,
+                "packs": result.packs,
+                "blobs_verified": result.blobs,
+                "bytes_read": result.bytes_read,
+            }
+        )
+    else:
+        for w in result.warnings:
+            stderr.print(f"warning: {w}")
+        for e in result.errors:
+            stderr.print(f"error: {e}")
+        stdout.print(
+            f"{result.points} points, {result.packs} packs"
+            + (f", {result.blobs} blobs verified ({human_bytes(result.bytes_read)} read)" if read_data else "")
+            + (": no errors" if result.ok else f": {len(result.errors)} errors")
+        )
+    if not result.ok:
+        raise CheckFailed(count=len(result.errors))
+    if result.warnings:
+        raise typer.Exit(EXIT_WARNING)
+
+
+def prune(
+    repo: RepoOption = None,
+    keep_last: Annotated[int, typer.Option(help="Keep the N newest points of each volume.")] = 0,
+    keep_hourly: Annotated[int, typer.Option(help="Keep the newest point of each of N hours.")] = 0,
+    keep_daily: Annotated[int, typer.Option(help="Keep the newest point of each of N days.")] = 0,
+    keep_weekly: Annotated[int, typer.Option(help="Keep the newest point of each of N weeks.")] = 0,
+    keep_monthly: Annotated[int, typer.Option(help="Keep the newest point of each of N months.")] = 0,
+    dry_run: Annotated[bool, typer.Option(help="Only show what would be removed.")] = False,
+    json_out: JsonOption = False,
+) -> None:
+    """Remove points by a retention policy and free the space only they used."""
+    policy = Policy(keep_last, keep_hourly, keep_daily, keep_weekly, keep_monthly)
+    with open_repository(repo) as r, r.lock(exclusive=not dry_run):
+        result = repo_prune(r, policy, dry_run)
+    if json_out:
+        emit_json(
+            {
+                "dry_run": dry_run,
+                "kept": [p.id for p in result.kept],
+                "removed": [p.id for p in result.forgotten],
+                "packs_deleted": result.packs_deleted,
+                "packs_repacked": result.packs_repacked,
+                "bytes_freed": result.bytes_freed,
+            }
+        )
+        return
+    verb = "would remove" if dry_run else "removed"
+    for p in result.forgotten:
+        stdout.print(f"{verb} {p.short_id} {p.volume} {p.time.astimezone():%Y-%m-%d %H:%M:%S} {p.type}")
+    stdout.print(
+        f"kept {len(result.kept)} points, {verb} {len(result.forgotten)}"
+        + ("" if dry_run else f"; freed {human_bytes(result.bytes_freed)} ({result.packs_deleted} packs)")
+    )

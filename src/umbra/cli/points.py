@@ -1,0 +1,65 @@
+"""``umbra list`` and ``umbra diff``."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from umbra.cli.common import JsonOption, RepoOption, emit_json, human_bytes, open_repository, stdout
+from umbra.engine.diff import diff as engine_diff
+
+
+def list_points(
+    repo: RepoOption = None,
+    volume: Annotated[str | None, typer.Option("--volume", "-v", help="Only this volume.")] = None,
+    json_out: JsonOption = False,
+) -> None:
+    """List points, oldest first."""
+    with open_repository(repo) as r:
+        points = r.list_points(volume)
+    if json_out:
+        emit_json([p.to_dict() for p in points])
+        return
+    table = Table("id", "volume", "time", "type", "size", "new", "tags")
+    for p in points:
+        table.add_row(
+            p.short_id,
+            p.volume,
+            f"{p.time.astimezone():%Y-%m-%d %H:%M:%S.%f}"[:-3],
+            p.type,
+            human_bytes(p.size),
+            human_bytes(p.stats.get("bytes_new", 0)),
+            ",".join(p.tags),
+        )
+    stdout.print(table)
+
+
+def diff(
+    old: Annotated[str, typer.Argument(help="Older point (id, VOLUME@latest, VOLUME@TIME).")],
+    new: Annotated[str, typer.Argument(help="Newer point.")],
+    repo: RepoOption = None,
+    json_out: JsonOption = False,
+) -> None:
+    """Show the byte ranges that differ between two points."""
+    with open_repository(repo) as r:
+        a, b = r.resolve(old), r.resolve(new)
+        result = engine_diff(r, a, b)
+    if json_out:
+        emit_json(
+            {
+                "old": a.id,
+                "new": b.id,
+                "size_old": result.size_old,
+                "size_new": result.size_new,
+                "changed_bytes": result.changed_bytes,
+                "ranges": [{"offset": s, "length": e - s} for s, e in result.ranges],
+            }
+        )
+        return
+    for s, e in result.ranges:
+        stdout.print(f"{s:>14} +{e - s}")
+    stdout.print(
+        f"{len(result.ranges)} ranges, {human_bytes(result.changed_bytes)} changed ({a.short_id} → {b.short_id})"
+    )

@@ -1,0 +1,30 @@
+"""``umbra restore``."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from umbra.cli.common import JsonOption, RepoOption, RichProgress, emit_json, human_bytes, open_repository, stdout
+from umbra.engine import restore as engine_restore
+
+
+def restore(
+    point: Annotated[str, typer.Argument(help="Point: id prefix, VOLUME@latest or VOLUME@TIME.")],
+    target: Annotated[str, typer.Argument(help="Image file or block device to write.")],
+    repo: RepoOption = None,
+    force: Annotated[bool, typer.Option(help="Overwrite an existing file or a busy device.")] = False,
+    json_out: JsonOption = False,
+) -> None:
+    """Restore a point to a file or block device, in one pass."""
+    with open_repository(repo) as r:
+        p = r.resolve(point)
+        result = engine_restore.run(r, p, target, force, RichProgress(not json_out))
+    if json_out:
+        emit_json({"point": p.id, "target": target, "stats": result.stats})
+        return
+    stdout.print(
+        f"restored point {p.id[:8]} of {p.volume} to {target}: {human_bytes(p.size)}, "
+        f"{human_bytes(result.stats['bytes_written'])} of data in {result.stats['duration_s']:.2f} s"
+    )

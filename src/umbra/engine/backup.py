@@ -1,0 +1,279 @@
+"""The backup pipeline: read used blocks → hash → compress + seal → pack → tree → manifest.
+
+Threads: one reader (``pread`` in large runs), a pool of workers that zero-check, hash, compress
+and encrypt (blake3, zstandard and cryptography release the GIL), and the calling thread, which
+keeps block order, feeds the :class:`BlobWriter` and builds the volume tree.  Memory is bounded by
+the queue depths (a few runs of ``READ_RUN`` bytes plus two packs), never by the volume size.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import socket
+import threading
+import time
+from collections import deque
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+from umbra import __version__
+from umbra.engine.diff import changed_blocks
+from umbra.engine.progress import NoProgress, Progress
+from umbra.errors import UsageError
+from umbra.repo.format import ZERO_ID, BlobType
+from umbra.repo.manifest import BACKUP_TYPES, VOLUME_NAME, Point, new_point_id
+from umbra.repo.repository import Repository, utc_now
+from umbra.repo.tree import TreeBuilder
+from umbra.repo.writer import BlobWriter
+from umbra.volume.extents import Extent
+from umbra.volume.source import FileSource, open_source
+from umbra.volume.usedmap import UsedMap, build_used_map
+
+READ_RUN = 4 * 1024 * 1024
+_DONE = object()
+
+
+@dataclass
+class BackupOptions:
+    source: str
+    volume: str
+    type: str = "full"
+    tags: list[str] = field(default_factory=list)
+    all_blocks: bool = False
+    workers: int = max(2, os.cpu_count() or 2)
+
+
+@dataclass
+class BackupResult:
+    point: Point
+    stats: dict[str, Any]
+
+
+Batch = list[tuple[int, bytes | bytearray | memoryview]]
+Processed = list[tuple[int, bytes, bytes | None, int]]  # block, id, envelope or None, plain size
+
+
+def _runs(used: UsedMap, block_size: int) -> Iterator[list[tuple[int, list[Extent] | None]]]:
+    """Group used blocks into runs of consecutive blocks, at most READ_RUN bytes each."""
+    run: list[tuple[int, list[Extent] | None]] = []
+    per_run = max(1, READ_RUN // block_size)
+    for b, ranges in used.blocks(block_size):
+        if run and (b != run[-1][0] + 1 or len(run) >= per_run):
+            yield run
+            run = []
+        run.append((b, ranges))
+    if run:
+        yield run
+
+
+def _read_run(source: FileSource, run: list[tuple[int, list[Extent] | None]], block_size: int) -> Batch:
+    first = run[0][0]
+    data = source.read_at(first * block_size, len(run) * block_size)
+    view = memoryview(data)
+    batch: Batch = []
+    for k, (b, ranges) in enumerate(run):
+        block: bytes | bytearray | memoryview = view[k * block_size : (k + 1) * block_size]
+        if ranges is not None:  # zero the unused parts: free space is not backed up
+            keep = bytearray(len(block))
+            for start, end in ranges:
+                keep[start:end] = block[start:end]
+            block = keep
+        batch.append((b, block))
+    return batch
+
+
+class _Pipeline:
+    def __init__(self, repo: Repository, writer: BlobWriter, workers: int) -> None:
+        self.repo = repo
+        self.writer = writer
+        self.workers = workers
+        self.zero = bytes(repo.config.block_size)
+
+    def process(self, batch: Batch) -> Processed:
+        crypto = self.repo.crypto
+        out: Processed = []
+        for b, block in batch:
+            if block == self.zero[: len(block)]:
+                out.append((b, ZERO_ID, None, len(block)))
+                continue
+            bid = crypto.blob_id(block)
+            env = None if self.writer.known(bid) else crypto.seal_blob(BlobType.DATA, bid, block)
+            out.append((b, bid, env, len(block)))
+        return out
+
+
+def _reader(source: FileSource, used: UsedMap, block_size: int, out: queue.Queue[Any], stop: threading.Event) -> None:
+    try:
+        for run in _runs(used, block_size):
+            if stop.is_set():
+                return
+            out.put(_read_run(source, run, block_size))
+        out.put(_DONE)
+    except BaseException as exc:  # noqa: BLE001 - handed to the consuming thread
+        out.put(exc)
+
+
+def run(repo: Repository, opts: BackupOptions, progress: Progress | None = None) -> BackupResult:
+    """Back up ``opts.source`` as a new point of ``opts.volume``.
+
+    Takes a shared lock for the whole run; the manifest is written only after every pack and index
+    it needs, and only while the lock is provably held.
+
+    Raises:
+        SourceError, RepositoryError (LockLost, RepositoryFull, …), UsageError.
+    """
+    if not VOLUME_NAME.match(opts.volume):
+        raise UsageError(f"invalid volume name {opts.volume!r} (letters, digits, '.', '_', '-')")
+    if opts.type not in BACKUP_TYPES:
+        raise UsageError(f"backup type must be one of {', '.join(BACKUP_TYPES)}")
+    progress = progress or NoProgress()
+    started = time.monotonic()
+    with open_source(opts.source) as source, repo.lock(exclusive=False) as lock:
+        repo.invalidate_index()
+        parent = _choose_parent(repo, opts)
+        used = build_used_map(source, opts.all_blocks)
+        bs = repo.config.block_size
+        nblocks = -(-source.size // bs)
+        writer = BlobWriter(repo)
+        tree = TreeBuilder(repo.config.fanout, lambda node: _store_node(repo, writer, node))
+        counts = {"blocks_read": 0, "blocks_zero": 0, "bytes_read": 0}
+        progress.start(f"backup {opts.volume}", sum(1 for _ in used.blocks(bs)) * bs)
+        try:
+            _pump(repo, writer, tree, source, used, nblocks, opts.workers, counts, progress)
+            root, height = tree.finish()
+            wstats = writer.finish()
+        except BaseException:
+            writer.abort()
+            raise
+        progress.finish()
+        point = Point(
+            id=new_point_id(),
+            volume=opts.volume,
+            time=utc_now(),
+            type=opts.type,
+            size=source.size,
+            block_size=bs,
+            fanout=repo.config.fanout,
+            root=root.hex(),
+            height=height,
+            parent=parent.id if parent else None,
+            base=(parent.base if opts.type == "incremental" and parent else parent.id if parent else None),
+            tags=list(opts.tags),
+            host=socket.gethostname(),
+            source=os.path.abspath(opts.source),
+            used_map=used.kind,
+            umbra_version=__version__,
+        )
+        if opts.type == "full":
+            point.base = point.id
+        changed = sum(1 for _ in changed_blocks(repo, parent, point)) if parent else counts["blocks_read"]
+        duration = time.monotonic() - started
+        point.stats = {
+            "bytes_scanned": source.size,
+            "bytes_used": used.used_bytes,
+            "bytes_read": counts["bytes_read"],
+            "bytes_new": wstats.bytes_new,
+            "bytes_stored": wstats.bytes_stored,
+            "blocks_total": nblocks,
+            "blocks_read": counts["blocks_read"],
+            "blocks_zero": counts["blocks_zero"],
+            "blocks_new": wstats.blobs_new,
+            "blocks_changed": changed,
+            "tree_nodes_new": wstats.tree_nodes_new,
+            "packs": wstats.packs,
+            "dedup_ratio": round(counts["bytes_read"] / wstats.bytes_new, 3) if wstats.bytes_new else None,
+            "compression_ratio": round(wstats.bytes_new / wstats.bytes_stored, 3) if wstats.bytes_stored else None,
+            "duration_s": round(duration, 3),
+        }
+        lock.check()
+        repo.save_point(point)
+        try:
+            lock.check()
+        except BaseException:
+            repo.delete_point(point.id)  # published under a lock we no longer hold: withdraw it
+            raise
+        return BackupResult(point, point.stats)
+
+
+def _choose_parent(repo: Repository, opts: BackupOptions) -> Point | None:
+    if opts.type == "full":
+        return None
+    points = repo.list_points(opts.volume)
+    if opts.type == "differential":
+        points = [p for p in points if p.type == "full"]
+    if not points:
+        raise UsageError(
+            f"no earlier {'full ' if opts.type == 'differential' else ''}point of volume "
+            f"{opts.volume!r}: run a full backup first"
+        )
+    return points[-1]
+
+
+def _store_node(repo: Repository, writer: BlobWriter, node: bytes) -> bytes:
+    nid = repo.crypto.blob_id(node)
+    if not writer.known(nid):
+        writer.add(BlobType.TREE, nid, repo.crypto.seal_blob(BlobType.TREE, nid, node), len(node))
+    return nid
+
+
+def _pump(
+    repo: Repository,
+    writer: BlobWriter,
+    tree: TreeBuilder,
+    source: FileSource,
+    used: UsedMap,
+    nblocks: int,
+    workers: int,
+    counts: dict[str, int],
+    progress: Progress,
+) -> None:
+    pipeline = _Pipeline(repo, writer, workers)
+    batches: queue.Queue[Any] = queue.Queue(maxsize=workers * 2)
+    stop = threading.Event()
+    reader = threading.Thread(
+        target=_reader, args=(source, used, repo.config.block_size, batches, stop), name="umbra-read", daemon=True
+    )
+    reader.start()
+    next_block = 0
+    inflight: deque[Future[Processed]] = deque()
+    try:
+        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="umbra-seal") as pool:
+            finished = False
+            while not finished or inflight:
+                while not finished and len(inflight) < workers * 2:
+                    item = batches.get()
+                    if item is _DONE:
+                        finished = True
+                    elif isinstance(item, BaseException):
+                        raise item
+                    else:
+                        inflight.append(pool.submit(pipeline.process, item))
+                if inflight:
+                    done_bytes = 0
+                    for b, bid, env, size in inflight.popleft().result():
+                        while next_block < b:
+                            tree.add(ZERO_ID)
+                            next_block += 1
+                        tree.add(bid)
+                        next_block += 1
+                        counts["blocks_read"] += 1
+                        done_bytes += size
+                        if bid == ZERO_ID:
+                            counts["blocks_zero"] += 1
+                        elif env is not None:
+                            writer.add(BlobType.DATA, bid, env, size)
+                    counts["bytes_read"] += done_bytes
+                    progress.advance(done_bytes)
+    finally:
+        stop.set()
+        while reader.is_alive():  # unblock a reader waiting on a full queue
+            try:
+                batches.get_nowait()
+            except queue.Empty:
+                reader.join(0.05)
+    while next_block < nblocks:
+        tree.add(ZERO_ID)
+        next_block += 1

@@ -1,0 +1,193 @@
+"""The umbra exception hierarchy and its exit codes.
+
+Every error a user can cause or fix is an :class:`UmbraError`: its class docstring's first line is
+the message template (filled with ``str.format`` from the keyword arguments), its ``exit_code`` is the
+process exit status, and ``show_traceback`` is false.  Only ``umbra.cli.main`` catches these; any
+other exception is a bug and is printed with a traceback (exit code 3).
+
+The table of exit codes is in ``docs/ERRORS.md``; ``tests/test_errors.py`` checks that codes are
+unique and that every class has a message.
+"""
+
+from __future__ import annotations
+
+import errno as errno_mod
+from typing import Any, ClassVar
+
+EXIT_OK = 0
+EXIT_WARNING = 1
+EXIT_USAGE = 2
+EXIT_INTERNAL = 3
+
+
+class UmbraError(Exception):
+    """{message}"""
+
+    exit_code: ClassVar[int] = 4
+    show_traceback: ClassVar[bool] = False
+    errno: ClassVar[int] = errno_mod.EIO
+
+    def __init__(self, message: str | None = None, **fields: Any) -> None:
+        self.fields = fields
+        if message is None:
+            template = (type(self).__doc__ or "{message}").strip().splitlines()[0]
+            try:
+                message = template.format(**fields)
+            except (KeyError, IndexError):
+                message = template
+        super().__init__(message)
+
+    @property
+    def message(self) -> str:
+        return str(self.args[0])
+
+
+class UsageError(UmbraError):
+    """{message}"""
+
+    exit_code = 5
+
+
+# --- repository ------------------------------------------------------------------------------
+
+
+class RepositoryError(UmbraError):
+    """repository error: {message}"""
+
+    exit_code = 10
+
+
+class RepositoryNotFound(RepositoryError):
+    """no umbra repository at {location} (create one with 'umbra init')"""
+
+    exit_code = 11
+
+
+class RepositoryExists(RepositoryError):
+    """{location} already exists and is not empty; refusing to initialise a repository there"""
+
+    exit_code = 12
+
+
+class RepositoryLocked(RepositoryError):
+    """repository is locked by {holder}; try again later (a stale lock is removed automatically)"""
+
+    exit_code = 13
+
+
+class LockLost(RepositoryError):
+    """the repository lock of this process was lost ({reason}); aborted without writing a point"""
+
+    exit_code = 14
+
+
+class WrongPassphrase(RepositoryError):
+    """wrong passphrase: no key of this repository opens with it"""
+
+    exit_code = 15
+
+
+class PassphraseMissing(RepositoryError):
+    """this repository is encrypted: set UMBRA_PASSWORD, UMBRA_PASSWORD_FILE or UMBRA_PASSWORD_COMMAND"""
+
+    exit_code = 16
+
+
+class KeyProblem(RepositoryError):
+    """key problem: {message}"""
+
+    exit_code = 17
+
+
+class IntegrityError(RepositoryError):
+    """repository data is corrupt: {message}"""
+
+    exit_code = 18
+
+
+class UnsupportedFormat(RepositoryError):
+    """{message}: this version of umbra reads repository format {supported}"""
+
+    exit_code = 19
+
+
+class RepositoryIOError(RepositoryError):
+    """repository I/O error on {name}: {reason}"""
+
+    exit_code = 20
+
+
+class RepositoryFull(RepositoryIOError):
+    """repository storage is full while writing {name}: free space, then run the backup again"""
+
+    exit_code = 21
+    errno = errno_mod.ENOSPC
+
+
+class CheckFailed(RepositoryError):
+    """check found {count} problem(s) in the repository"""
+
+    exit_code = 22
+
+
+class ObjectMissing(RepositoryError):
+    """object {name} is missing from the repository"""
+
+    exit_code = 25
+
+
+class PointNotFound(RepositoryError):
+    """no point matches {ref!r}"""
+
+    exit_code = 23
+
+
+class AmbiguousPoint(RepositoryError):
+    """point id prefix {ref!r} is ambiguous: it matches {count} points"""
+
+    exit_code = 24
+
+
+# --- sources and targets ---------------------------------------------------------------------
+
+
+class SourceError(UmbraError):
+    """cannot read source {path}: {reason}"""
+
+    exit_code = 30
+
+
+class SourceReadError(SourceError):
+    """read error on source {path} at offset {offset}: {reason}"""
+
+    exit_code = 31
+
+
+class TargetError(UmbraError):
+    """cannot restore to {path}: {reason}"""
+
+    exit_code = 32
+
+
+class TargetTooSmall(TargetError):
+    """target {path} has {size} bytes but the point needs {needed}; use a larger target"""
+
+    exit_code = 33
+
+
+class TargetBusy(TargetError):
+    """target {path} is {reason}; unmount it first (or --force)"""
+
+    exit_code = 34
+    errno = errno_mod.EBUSY
+
+
+def all_error_classes() -> list[type[UmbraError]]:
+    """Every UmbraError subclass, depth first, the base included."""
+    out: list[type[UmbraError]] = []
+    stack: list[type[UmbraError]] = [UmbraError]
+    while stack:
+        cls = stack.pop()
+        out.append(cls)
+        stack.extend(reversed(cls.__subclasses__()))
+    return out

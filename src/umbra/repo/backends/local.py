@@ -1,0 +1,151 @@
+"""The local filesystem backend: the embedded default.
+
+All writes go through :func:`atomic_write`: temporary file in the same directory, write, fsync,
+rename, fsync the directory.  An fsync failure is fatal for the object (never retried, after
+PostgreSQL's fsyncgate): the temporary file is removed and the error raised.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+from umbra.errors import RepositoryExists, RepositoryFull, RepositoryIOError
+from umbra.repo.backends.base import DIRECTORIES, Backend, ObjectMissing, validate_name
+
+
+def _io_error(name: str, exc: OSError) -> RepositoryIOError:
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return RepositoryFull(name=name)
+    return RepositoryIOError(name=name, reason=exc.strerror or str(exc))
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write(path: Path, data: bytes, replace: bool = False) -> None:
+    """Publish ``data`` at ``path`` atomically and durably.
+
+    Raises:
+        FileExistsError: ``path`` exists and ``replace`` is false.
+        OSError: from the filesystem; the temporary file is gone afterwards.
+    """
+    if not replace and path.exists():
+        raise FileExistsError(str(path))
+    tmp = path.with_name(f".tmp-{path.name}-{os.getpid()}-{os.urandom(4).hex()}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        view = memoryview(data)
+        while view:
+            written = os.write(fd, view)
+            view = view[written:]
+        os.fsync(fd)
+    except BaseException:
+        os.close(fd)
+        tmp.unlink(missing_ok=True)
+        raise
+    os.close(fd)
+    try:
+        if replace:
+            os.replace(tmp, path)
+        else:
+            # link() fails if the name exists: no silent overwrite even when two writers race.
+            os.link(tmp, path)
+            tmp.unlink()
+        fsync_dir(path.parent)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+class LocalBackend(Backend):
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.root = Path(path)
+        self.location = str(self.root)
+
+    def _path(self, name: str) -> Path:
+        return self.root / validate_name(name)
+
+    def exists(self) -> bool:
+        return (self.root / "config").is_file()
+
+    def create(self) -> None:
+        if self.root.exists() and any(self.root.iterdir()):
+            raise RepositoryExists(location=self.location)
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            for d in DIRECTORIES:
+                (self.root / d).mkdir()
+            for i in range(256):
+                (self.root / "data" / f"{i:02x}").mkdir()
+            fsync_dir(self.root)
+        except OSError as exc:
+            raise _io_error(self.location, exc) from exc
+
+    def load(self, name: str, offset: int = 0, length: int | None = None) -> bytes:
+        path = self._path(name)
+        try:
+            with open(path, "rb", buffering=0) as f:
+                if length is None:
+                    f.seek(offset)
+                    return f.read()
+                return os.pread(f.fileno(), length, offset)
+        except FileNotFoundError:
+            raise ObjectMissing(name=name) from None
+        except OSError as exc:
+            raise _io_error(name, exc) from exc
+
+    def store(self, name: str, data: bytes, replace: bool = False) -> None:
+        try:
+            atomic_write(self._path(name), data, replace=replace)
+        except FileExistsError:
+            raise
+        except OSError as exc:
+            raise _io_error(name, exc) from exc
+
+    def delete(self, name: str) -> None:
+        path = self._path(name)
+        try:
+            path.unlink()
+            fsync_dir(path.parent)
+        except FileNotFoundError:
+            raise ObjectMissing(name=name) from None
+        except OSError as exc:
+            raise _io_error(name, exc) from exc
+
+    def size(self, name: str) -> int:
+        try:
+            return self._path(name).stat().st_size
+        except FileNotFoundError:
+            raise ObjectMissing(name=name) from None
+
+    def list(self, directory: str) -> Iterator[str]:
+        assert directory in DIRECTORIES
+        base = self.root / directory
+        subdirs = sorted(p for p in base.iterdir() if p.is_dir()) if directory == "data" else [base]
+        for sub in subdirs:
+            prefix = sub.relative_to(self.root).as_posix()
+            for entry in sorted(os.listdir(sub)):
+                if not entry.startswith("."):
+                    yield f"{prefix}/{entry}"
+
+    def remove_temporaries(self) -> int:
+        """Delete temporary files that a crashed writer left behind; returns how many.
+
+        Only safe under the exclusive lock; lock files' own temporaries are left alone.
+        """
+        count = 0
+        dirs = [self.root, *(self.root / x for x in DIRECTORIES if x != "locks"), *(self.root / "data").iterdir()]
+        for d in dirs:
+            if d.is_dir():
+                for p in d.glob(".tmp-*"):
+                    p.unlink(missing_ok=True)
+                    count += 1
+        return count

@@ -1,0 +1,95 @@
+"""The index: blob id → (pack, offset, length, type), loaded from all ``index/`` files.
+
+Index files are immutable and sealed; a file's name is the BLAKE3 of its bytes.  Several files may
+list the same blob (after an interrupted prune, for example): any copy is valid.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+
+import blake3
+
+from umbra.errors import IntegrityError
+from umbra.repo.crypto import Crypto
+from umbra.repo.format import AAD_INDEX, INDEX_ENTRY, INDEX_MAGIC, INDEX_PACK, BlobType
+from umbra.repo.pack import PackEntry
+
+
+@dataclass(frozen=True)
+class Location:
+    pack_id: str
+    blob_type: BlobType
+    offset: int
+    length: int
+
+
+class Index:
+    def __init__(self) -> None:
+        self._blobs: dict[bytes, Location] = {}
+
+    def __contains__(self, blob_id: bytes) -> bool:
+        return blob_id in self._blobs
+
+    def __len__(self) -> int:
+        return len(self._blobs)
+
+    def get(self, blob_id: bytes) -> Location | None:
+        return self._blobs.get(blob_id)
+
+    def add_pack(self, pack_id: str, entries: Iterable[PackEntry]) -> None:
+        for e in entries:
+            self._blobs.setdefault(e.blob_id, Location(pack_id, e.blob_type, e.offset, e.length))
+
+    def items(self) -> Iterator[tuple[bytes, Location]]:
+        return iter(self._blobs.items())
+
+    def packs(self) -> dict[str, list[PackEntry]]:
+        """Entries grouped by pack, as they would be written to an index file."""
+        out: dict[str, list[PackEntry]] = {}
+        for bid, loc in self._blobs.items():
+            out.setdefault(loc.pack_id, []).append(PackEntry(loc.blob_type, bid, loc.offset, loc.length))
+        return out
+
+
+def encode_index(crypto: Crypto, packs: dict[str, list[PackEntry]]) -> tuple[str, bytes]:
+    """Seal an index file listing ``packs``; returns (index id, bytes)."""
+    body = bytearray(INDEX_MAGIC)
+    body += len(packs).to_bytes(4, "little")
+    for pack_id, entries in sorted(packs.items()):
+        body += INDEX_PACK.pack(bytes.fromhex(pack_id), len(entries))
+        for e in entries:
+            body += INDEX_ENTRY.pack(e.blob_type, e.blob_id, e.offset, e.length)
+    data = crypto.seal(bytes(body), AAD_INDEX)
+    return blake3.blake3(data).hexdigest(), data
+
+
+def decode_index(crypto: Crypto, data: bytes, what: str) -> dict[str, list[PackEntry]]:
+    """Open and parse an index file.
+
+    Raises:
+        IntegrityError: the file does not authenticate or is malformed.
+    """
+    body = crypto.open(data, AAD_INDEX, what)
+    try:
+        if body[:8] != INDEX_MAGIC:
+            raise ValueError("bad magic")
+        count = int.from_bytes(body[8:12], "little")
+        pos = 12
+        packs: dict[str, list[PackEntry]] = {}
+        for _ in range(count):
+            raw_id, n = INDEX_PACK.unpack_from(body, pos)
+            pos += INDEX_PACK.size
+            entries = []
+            for _ in range(n):
+                t, bid, off, length = INDEX_ENTRY.unpack_from(body, pos)
+                pos += INDEX_ENTRY.size
+                entries.append(PackEntry(BlobType(t), bid, off, length))
+            packs[raw_id.hex()] = entries
+        if pos != len(body):
+            raise ValueError("trailing bytes")
+        return packs
+    except (ValueError, IndexError, struct.error) as exc:
+        raise IntegrityError(f"{what}: malformed index ({exc})") from None

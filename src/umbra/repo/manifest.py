@@ -1,0 +1,87 @@
+"""Points (recovery points): one sealed JSON manifest per point, written last and atomically.
+
+A point's id is random (32 hex digits); its manifest lives at ``points/<id>`` and is sealed with the
+id as associated data, so a manifest cannot be renamed into another point.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from umbra.errors import IntegrityError, UnsupportedFormat
+from umbra.repo.crypto import Crypto
+from umbra.repo.format import AAD_MANIFEST, FORMAT_VERSION
+
+VOLUME_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+BACKUP_TYPES = ("full", "incremental", "differential")
+
+
+def new_point_id() -> str:
+    return os.urandom(16).hex()
+
+
+@dataclass
+class Point:
+    """Everything a recovery point records; ``root``/``height`` locate its volume tree."""
+
+    id: str
+    volume: str
+    time: datetime
+    type: str
+    size: int
+    block_size: int
+    fanout: int
+    root: str
+    height: int
+    parent: str | None = None
+    base: str | None = None
+    tags: list[str] = field(default_factory=list)
+    host: str = ""
+    source: str = ""
+    used_map: str = "all"
+    stats: dict[str, Any] = field(default_factory=dict)
+    umbra_version: str = ""
+
+    @property
+    def nblocks(self) -> int:
+        return -(-self.size // self.block_size)
+
+    @property
+    def short_id(self) -> str:
+        return self.id[:8]
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["time"] = self.time.astimezone(UTC).isoformat(timespec="microseconds")
+        d["format"] = FORMAT_VERSION
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Point:
+        if d.get("format") != FORMAT_VERSION:
+            raise UnsupportedFormat(f"point {d.get('id')} has format {d.get('format')}", supported=FORMAT_VERSION)
+        d = {k: v for k, v in d.items() if k != "format"}
+        d["time"] = datetime.fromisoformat(d["time"])
+        return cls(**d)
+
+
+def seal_point(crypto: Crypto, point: Point) -> bytes:
+    body = json.dumps(point.to_dict(), sort_keys=True).encode()
+    return crypto.seal(body, AAD_MANIFEST + point.id.encode())
+
+
+def open_point(crypto: Crypto, point_id: str, data: bytes) -> Point:
+    what = f"manifest of point {point_id}"
+    body = crypto.open(data, AAD_MANIFEST + point_id.encode(), what)
+    try:
+        point = Point.from_dict(json.loads(body))
+    except (ValueError, TypeError, KeyError) as exc:
+        raise IntegrityError(f"{what}: malformed ({exc})") from None
+    if point.id != point_id:
+        raise IntegrityError(f"{what}: names another point")
+    return point

@@ -1,0 +1,131 @@
+"""``umbra prune``: forget points by policy, then collect garbage.
+
+Runs under the exclusive lock, so no backup is in flight: liveness comes from the manifests alone,
+never from file timestamps.  Ordering, so a crash at any step leaves every remaining point whole:
+
+1. delete the manifests of forgotten points;
+2. mark: every tree node and block referenced by the remaining points;
+3. repack the live blobs of mostly-dead packs into new packs (sealed envelopes are copied as they
+   are: their associated data names the blob, not the pack), and index the new packs;
+4. write one index file for the packs that stay, then delete every older index file;
+5. only now delete packs that no index lists any more (dead, repacked, or left by a crash).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from umbra.errors import ObjectMissing
+from umbra.repo.backends.local import LocalBackend
+from umbra.repo.format import ZERO_ID
+from umbra.repo.index import Index, encode_index
+from umbra.repo.manifest import Point
+from umbra.repo.pack import PackEntry, pack_name
+from umbra.repo.repository import Repository
+from umbra.repo.retention import Policy, apply
+from umbra.repo.tree import TreeReader
+from umbra.repo.writer import BlobWriter
+
+REPACK_DEAD_FRACTION = 0.2
+Hook = Callable[[str], None]
+
+
+@dataclass
+class PruneResult:
+    kept: list[Point]
+    forgotten: list[Point]
+    packs_deleted: int = 0
+    packs_repacked: int = 0
+    bytes_freed: int = 0
+    dry_run: bool = False
+    stats: dict[str, int] = field(default_factory=dict)
+
+
+def live_blobs(repo: Repository, points: list[Point]) -> set[bytes]:
+    live: set[bytes] = set()
+    for p in points:
+        reader = TreeReader(
+            lambda nid: _mark_node(repo, live, nid), bytes.fromhex(p.root), p.height, p.fanout, p.nblocks
+        )
+        for _, bid in reader.blocks():
+            live.add(bid)
+    live.discard(ZERO_ID)
+    return live
+
+
+def _mark_node(repo: Repository, live: set[bytes], node_id: bytes) -> bytes:
+    live.add(node_id)
+    return repo.load_tree_node(node_id)
+
+
+def prune(repo: Repository, policy: Policy, dry_run: bool = False, hook: Hook | None = None) -> PruneResult:
+    """Forget points by ``policy`` and free their space.  The caller holds the exclusive lock.
+
+    ``hook`` is called with the name of each step (tests use it to crash or interleave).
+    """
+    step = hook or (lambda _: None)
+    repo.invalidate_index()
+    keep, forget = apply(repo.list_points(), policy)
+    result = PruneResult(keep, forget, dry_run=dry_run)
+    if dry_run:
+        return result
+    for p in forget:
+        repo.delete_point(p.id)
+    step("forgotten")
+    collect_garbage(repo, keep, result, step)
+    return result
+
+
+def collect_garbage(repo: Repository, keep: list[Point], result: PruneResult, step: Hook) -> None:
+    index = repo.index
+    live = live_blobs(repo, keep)
+    step("marked")
+    by_pack = index.packs()
+    old_index_files = list(repo.backend.list("index"))
+    stored = [name.rsplit("/", 1)[1] for name in repo.backend.list("data")]
+    keep_packs: dict[str, list[PackEntry]] = {}
+    repack: dict[str, list[PackEntry]] = {}
+    for pack_id, entries in by_pack.items():
+        alive = [e for e in entries if e.blob_id in live]
+        dead_bytes = sum(e.length for e in entries if e.blob_id not in live)
+        total = sum(e.length for e in entries)
+        if not alive:
+            continue
+        if dead_bytes > REPACK_DEAD_FRACTION * total:
+            repack[pack_id] = alive
+        else:
+            keep_packs[pack_id] = entries
+    writer = BlobWriter(repo, index=Index())
+    for pack_id, entries in repack.items():
+        for e in entries:
+            envelope = repo.backend.load(pack_name(pack_id), e.offset, e.length)
+            writer.add(e.blob_type, e.blob_id, envelope, 0)
+    writer.finish()  # new packs stored and indexed (in their own index file)
+    step("repacked")
+    new_index_files: list[str] = list(writer.index_files)
+    if keep_packs:
+        index_id, data = encode_index(repo.crypto, keep_packs)
+        repo.backend.store(f"index/{index_id}", data)
+        new_index_files.append(index_id)
+    step("indexed")
+    for name in old_index_files:
+        if name.split("/", 1)[1] not in new_index_files:
+            repo.backend.delete(name)
+    step("unindexed")
+    still_listed = set(keep_packs) | set(writer.index.packs())
+    for pack_id in stored:
+        if pack_id in still_listed:
+            continue
+        name = pack_name(pack_id)
+        try:
+            result.bytes_freed += repo.backend.size(name)
+            repo.backend.delete(name)
+        except ObjectMissing:
+            continue
+        result.packs_deleted += 1
+    result.packs_repacked = len(repack)
+    if isinstance(repo.backend, LocalBackend):
+        repo.backend.remove_temporaries()
+    repo.invalidate_index()
+    step("done")

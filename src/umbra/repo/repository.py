@@ -1,0 +1,319 @@
+"""The repository facade: config, keys, index, blobs, points and locks over one backend.
+
+Write ordering (docs/FORMAT.md): packs → index files → manifest.  Read ordering: manifests are
+listed before the index is loaded, so a point that is visible always finds its blobs.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import blake3
+
+from umbra.errors import (
+    AmbiguousPoint,
+    IntegrityError,
+    KeyProblem,
+    ObjectMissing,
+    PassphraseMissing,
+    PointNotFound,
+    RepositoryNotFound,
+    UnsupportedFormat,
+    UsageError,
+    WrongPassphrase,
+)
+from umbra.repo import keys
+from umbra.repo.backends.base import Backend
+from umbra.repo.crypto import Crypto
+from umbra.repo.format import (
+    DEFAULT_BLOCK_SIZE,
+    DEFAULT_FANOUT,
+    DEFAULT_PACK_TARGET,
+    FORMAT_VERSION,
+    MAX_BLOCK_SIZE,
+    MIN_BLOCK_SIZE,
+    TREE_HEADER,
+    BlobType,
+)
+from umbra.repo.index import Index, Location, decode_index
+from umbra.repo.locks import Lock
+from umbra.repo.manifest import Point, open_point, seal_point
+from umbra.repo.pack import pack_name
+from umbra.repo.pointref import PointRef, parse_point_ref
+
+ENCRYPTION_MODES = ("aes-256-gcm", "none")
+
+
+@dataclass(frozen=True)
+class RepoConfig:
+    id: str
+    encryption: str
+    block_size: int
+    fanout: int
+    pack_target: int
+    id_key: str | None = None  # only for unencrypted repositories
+
+    @classmethod
+    def parse(cls, data: bytes) -> RepoConfig:
+        try:
+            d = json.loads(data)
+            if d.get("format") != FORMAT_VERSION:
+                raise UnsupportedFormat(f"repository format {d.get('format')}", supported=FORMAT_VERSION)
+            cfg = cls(
+                d["id"], d["encryption"], int(d["block_size"]), int(d["fanout"]), int(d["pack_target"]), d.get("id_key")
+            )
+        except (ValueError, KeyError, TypeError) as exc:
+            raise IntegrityError(f"config is malformed ({exc})") from None
+        if cfg.encryption not in ENCRYPTION_MODES:
+            raise IntegrityError(f"config names unknown encryption {cfg.encryption!r}")
+        return cfg
+
+    def encode(self) -> bytes:
+        d: dict[str, Any] = {
+            "format": FORMAT_VERSION,
+            "id": self.id,
+            "encryption": self.encryption,
+            "block_size": self.block_size,
+            "fanout": self.fanout,
+            "pack_target": self.pack_target,
+        }
+        if self.id_key is not None:
+            d["id_key"] = self.id_key
+        return json.dumps(d, indent=1).encode()
+
+
+def validate_geometry(block_size: int, fanout: int) -> None:
+    if block_size & (block_size - 1) or not MIN_BLOCK_SIZE <= block_size <= MAX_BLOCK_SIZE:
+        raise UsageError(f"block size must be a power of two from {MIN_BLOCK_SIZE} to {MAX_BLOCK_SIZE}")
+    if not 2 <= fanout <= 4096:
+        raise UsageError("fan-out must be from 2 to 4096")
+
+
+class Repository:
+    def __init__(self, backend: Backend, config: RepoConfig, crypto: Crypto, key_id: str | None) -> None:
+        self.backend = backend
+        self.config = config
+        self.crypto = crypto
+        self.key_id = key_id
+        self._index: Index | None = None
+
+    # --- creation and opening ----------------------------------------------------------------
+
+    @classmethod
+    def init(
+        cls,
+        backend: Backend,
+        passphrase: str | None,
+        encryption: str = "aes-256-gcm",
+        block_size: int = DEFAULT_BLOCK_SIZE,
+        fanout: int = DEFAULT_FANOUT,
+        pack_target: int = DEFAULT_PACK_TARGET,
+    ) -> Repository:
+        if encryption not in ENCRYPTION_MODES:
+            raise UsageError(f"encryption must be one of {', '.join(ENCRYPTION_MODES)}")
+        validate_geometry(block_size, fanout)
+        if encryption != "none" and not passphrase:
+            raise PassphraseMissing()
+        backend.create()
+        repo_id = os.urandom(16).hex()
+        id_key, enc_key = os.urandom(32), os.urandom(32)
+        plain_id_key = base64.b64encode(id_key).decode() if encryption == "none" else None
+        config = RepoConfig(repo_id, encryption, block_size, fanout, pack_target, plain_id_key)
+        config_bytes = config.encode()
+        key_id = None
+        if encryption != "none":
+            assert passphrase is not None
+            master = keys.MasterKey(enc_key, id_key, blake3.blake3(config_bytes).hexdigest())
+            key_id, key_bytes = keys.make_key_file(master, repo_id, passphrase)
+            backend.store(f"keys/{key_id}", key_bytes)
+        backend.store("config", config_bytes)  # last: a repository exists once its config does
+        crypto = Crypto(bytes.fromhex(repo_id), id_key, None if encryption == "none" else enc_key)
+        return cls(backend, config, crypto, key_id)
+
+    @classmethod
+    def open(cls, backend: Backend, passphrase: str | Callable[[], str | None] | None) -> Repository:
+        """Open a repository, trying every key file with ``passphrase``.
+
+        Raises:
+            RepositoryNotFound, PassphraseMissing, WrongPassphrase, KeyProblem, IntegrityError.
+        """
+        try:
+            config_bytes = backend.load("config")
+        except ObjectMissing:
+            raise RepositoryNotFound(location=backend.location) from None
+        config = RepoConfig.parse(config_bytes)
+        key_names = list(backend.list("keys"))
+        if config.encryption == "none":
+            if key_names or config.id_key is None:
+                raise IntegrityError("config says unencrypted but key files exist: refusing a tampered config")
+            id_key = base64.b64decode(config.id_key)
+            return cls(backend, config, Crypto(bytes.fromhex(config.id), id_key, None), None)
+        if callable(passphrase):
+            passphrase = passphrase()  # asked only for encrypted repositories
+        if not passphrase:
+            raise PassphraseMissing()
+        if not key_names:
+            raise KeyProblem("the repository has no key files")
+        for name in key_names:
+            doc = keys.parse_key_file(backend.load(name), name)
+            master = keys.unwrap(doc, passphrase)
+            if master is None:
+                continue
+            if doc["repository"] != config.id or master.config_digest != blake3.blake3(config_bytes).hexdigest():
+                raise IntegrityError("config does not match the key: it was modified; refusing to use it")
+            crypto = Crypto(bytes.fromhex(config.id), master.id_key, master.enc_key)
+            return cls(backend, config, crypto, doc["id"])
+        raise WrongPassphrase()
+
+    # --- locks -------------------------------------------------------------------------------
+
+    @contextmanager
+    def lock(self, exclusive: bool = False) -> Iterator[Lock]:
+        lock = Lock(self.backend, exclusive)
+        lock.acquire()
+        try:
+            yield lock
+        finally:
+            lock.release()
+
+    # --- index and blobs ---------------------------------------------------------------------
+
+    @property
+    def index(self) -> Index:
+        if self._index is None:
+            self._index = self.load_index()
+        return self._index
+
+    def load_index(self) -> Index:
+        index = Index()
+        for name in self.backend.list("index"):
+            for pack_id, entries in decode_index(self.crypto, self.backend.load(name), name).items():
+                index.add_pack(pack_id, entries)
+        return index
+
+    def invalidate_index(self) -> None:
+        self._index = None
+
+    def max_blob_size(self, blob_type: BlobType) -> int:
+        if blob_type == BlobType.DATA:
+            return self.config.block_size
+        return TREE_HEADER.size + self.config.fanout * 32
+
+    def open_blob_at(self, blob_type: BlobType, blob_id: bytes, loc: Location, envelope: bytes) -> bytes:
+        what = f"{blob_type.name.lower()} blob {blob_id.hex()[:16]} in pack {loc.pack_id[:16]} at offset {loc.offset}"
+        if loc.blob_type != blob_type:
+            raise IntegrityError(f"{what}: indexed as {loc.blob_type.name.lower()}")
+        if len(envelope) != loc.length:
+            raise IntegrityError(f"{what}: pack is truncated")
+        return self.crypto.open_blob(blob_type, blob_id, envelope, self.max_blob_size(blob_type), what)
+
+    def locate(self, blob_id: bytes) -> Location:
+        loc = self.index.get(blob_id)
+        if loc is None:
+            raise IntegrityError(f"blob {blob_id.hex()[:16]} is referenced but not in the index")
+        return loc
+
+    def load_blob(self, blob_type: BlobType, blob_id: bytes) -> bytes:
+        loc = self.locate(blob_id)
+        try:
+            envelope = self.backend.load(pack_name(loc.pack_id), loc.offset, loc.length)
+        except ObjectMissing:
+            raise IntegrityError(f"pack {loc.pack_id} is missing (needed for blob {blob_id.hex()[:16]})") from None
+        return self.open_blob_at(blob_type, blob_id, loc, envelope)
+
+    def load_tree_node(self, node_id: bytes) -> bytes:
+        return self.load_blob(BlobType.TREE, node_id)
+
+    # --- points ------------------------------------------------------------------------------
+
+    def point_ids(self) -> list[str]:
+        return [name.split("/", 1)[1] for name in self.backend.list("points")]
+
+    def load_point(self, point_id: str) -> Point:
+        return open_point(self.crypto, point_id, self.backend.load(f"points/{point_id}"))
+
+    def list_points(self, volume: str | None = None) -> list[Point]:
+        points = [self.load_point(pid) for pid in self.point_ids()]
+        points.sort(key=lambda p: (p.time, p.id))
+        return [p for p in points if volume is None or p.volume == volume]
+
+    def save_point(self, point: Point) -> None:
+        self.backend.store(f"points/{point.id}", seal_point(self.crypto, point))
+
+    def delete_point(self, point_id: str) -> None:
+        self.backend.delete(f"points/{point_id}")
+
+    def resolve(self, ref: str | PointRef) -> Point:
+        """Find the point that a reference names (id prefix, VOLUME@latest, VOLUME@TIME)."""
+        parsed = parse_point_ref(ref) if isinstance(ref, str) else ref
+        if parsed.volume is None:
+            matches = [pid for pid in self.point_ids() if pid.startswith(parsed.id_prefix or "")]
+            if not matches:
+                raise PointNotFound(ref=parsed.text)
+            if len(matches) > 1:
+                raise AmbiguousPoint(ref=parsed.text, count=len(matches))
+            return self.load_point(matches[0])
+        candidates = self.list_points(parsed.volume)
+        if parsed.time is not None:
+            candidates = [p for p in candidates if p.time <= parsed.time]
+        if not candidates:
+            raise PointNotFound(ref=parsed.text)
+        return candidates[-1]
+
+    # --- keys --------------------------------------------------------------------------------
+
+    def _master(self) -> keys.MasterKey:
+        config_digest = blake3.blake3(self.backend.load("config")).hexdigest()
+        enc_key = self.crypto._enc_key
+        if enc_key is None:
+            raise UsageError("this repository is not encrypted: it has no keys")
+        return keys.MasterKey(enc_key, self.crypto._id_key, config_digest)
+
+    def add_key(self, passphrase: str, label: str = "") -> str:
+        key_id, data = keys.make_key_file(self._master(), self.config.id, passphrase, label)
+        self.backend.store(f"keys/{key_id}", data)
+        return key_id
+
+    def list_keys(self) -> list[dict[str, Any]]:
+        out = []
+        for name in self.backend.list("keys"):
+            doc = keys.parse_key_file(self.backend.load(name), name)
+            out.append(
+                {
+                    "id": doc["id"],
+                    "created": doc.get("created", ""),
+                    "host": doc.get("host", ""),
+                    "label": doc.get("label", ""),
+                    "kdf": doc["kdf"]["algorithm"],
+                    "current": doc["id"] == self.key_id,
+                }
+            )
+        return out
+
+    def remove_key(self, key_id: str) -> None:
+        names = list(self.backend.list("keys"))
+        if f"keys/{key_id}" not in names:
+            raise KeyProblem(f"no key {key_id}")
+        if len(names) == 1:
+            raise KeyProblem("refusing to remove the last key: the repository would be unreadable")
+        self.backend.delete(f"keys/{key_id}")
+
+    def change_passphrase(self, new_passphrase: str) -> str:
+        """Replace the key in use with one wrapped by ``new_passphrase``; returns the new key id."""
+        old = self.key_id
+        new_id = self.add_key(new_passphrase)  # the new key exists before the old one goes
+        if old is not None:
+            self.backend.delete(f"keys/{old}")
+        self.key_id = new_id
+        return new_id
+
+
+def utc_now() -> datetime:
+    return datetime.now(UTC)

@@ -1,0 +1,33 @@
+from datetime import UTC, datetime, timedelta
+
+import pytest
+
+from umbra.errors import UsageError
+from umbra.repo.manifest import Point
+from umbra.repo.retention import Policy, apply
+
+
+def pt(i: int, when: datetime, volume: str = "v") -> Point:
+    return Point(f"{i:032x}", volume, when, "full", 0, 4096, 8, "00" * 32, 0)
+
+
+def test_keep_last_per_volume() -> None:
+    t0 = datetime(2026, 1, 1, tzinfo=UTC)
+    points = [pt(i, t0 + timedelta(hours=i)) for i in range(5)] + [
+        pt(10 + i, t0 + timedelta(hours=i), "w") for i in range(3)
+    ]
+    keep, forget = apply(points, Policy(keep_last=2))
+    assert {p.id for p in keep} == {pt(i, t0).id for i in (3, 4, 11, 12)}
+    assert len(forget) == 4
+
+
+def test_keep_daily_keeps_newest_of_each_day() -> None:
+    t0 = datetime(2026, 3, 1, 10, tzinfo=UTC).astimezone()
+    points = [pt(d * 10 + h, t0 + timedelta(days=d, hours=h)) for d in range(5) for h in range(3)]
+    keep, _ = apply(points, Policy(keep_daily=3))
+    assert sorted(int(p.id, 16) for p in keep) == [22, 32, 42]
+
+
+def test_empty_policy_refused() -> None:
+    with pytest.raises(UsageError):
+        apply([], Policy())
