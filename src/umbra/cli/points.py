@@ -7,8 +7,10 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from umbra.cli.common import JsonOption, RepoOption, emit_json, human_bytes, open_repository, stdout
+from umbra.cli.common import JsonOption, RepoOption, emit_json, human_bytes, open_repository, stderr, stdout
 from umbra.engine.diff import diff as engine_diff
+from umbra.errors import EXIT_WARNING
+from umbra.repo.manifest import Point
 
 
 def list_points(
@@ -18,10 +20,18 @@ def list_points(
 ) -> None:
     """List points, oldest first."""
     with open_repository(repo) as r:
-        points = r.list_points(volume)
+        points, problems = r.scan_points(volume)
+    for problem in problems:
+        stderr.print(f"warning: damaged {problem}")
     if json_out:
         emit_json([p.to_dict() for p in points])
-        return
+    else:
+        _print_points(points)
+    if problems:
+        raise typer.Exit(EXIT_WARNING)
+
+
+def _print_points(points: list[Point]) -> None:
     table = Table("id", "volume", "time", "type", "size", "new", "tags")
     for p in points:
         table.add_row(

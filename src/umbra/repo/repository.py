@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import json
+import logging
 import os
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -49,6 +50,7 @@ from umbra.repo.pack import pack_name
 from umbra.repo.pointref import PointRef, parse_point_ref
 
 ENCRYPTION_MODES = ("aes-256-gcm", "none")
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -240,9 +242,22 @@ class Repository:
         return open_point(self.crypto, point_id, self.backend.load(f"points/{point_id}"))
 
     def list_points(self, volume: str | None = None) -> list[Point]:
+        """Every point (of ``volume``), oldest first.  Raises on any damaged manifest."""
         points = [self.load_point(pid) for pid in self.point_ids()]
         points.sort(key=lambda p: (p.time, p.id))
         return [p for p in points if volume is None or p.volume == volume]
+
+    def scan_points(self, volume: str | None = None) -> tuple[list[Point], list[str]]:
+        """Like :meth:`list_points`, but damaged manifests are skipped and described, so one bad
+        point never hides the others."""
+        points, problems = [], []
+        for pid in self.point_ids():
+            try:
+                points.append(self.load_point(pid))
+            except (IntegrityError, UnsupportedFormat) as exc:
+                problems.append(f"point {pid}: {exc}")
+        points.sort(key=lambda p: (p.time, p.id))
+        return [p for p in points if volume is None or p.volume == volume], problems
 
     def save_point(self, point: Point) -> None:
         self.backend.store(f"points/{point.id}", seal_point(self.crypto, point))
@@ -260,7 +275,9 @@ class Repository:
             if len(matches) > 1:
                 raise AmbiguousPoint(ref=parsed.text, count=len(matches))
             return self.load_point(matches[0])
-        candidates = self.list_points(parsed.volume)
+        candidates, problems = self.scan_points(parsed.volume)
+        for problem in problems:
+            log.warning("skipping damaged %s", problem)
         if parsed.time is not None:
             candidates = [p for p in candidates if p.time <= parsed.time]
         if not candidates:
