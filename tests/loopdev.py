@@ -1,0 +1,28 @@
+"""Loop devices and mounts for tests (root only); everything is detached in ``finally``."""
+
+from __future__ import annotations
+
+import subprocess
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+
+@contextmanager
+def loop_device(image: Path, read_only: bool = False) -> Iterator[str]:
+    args = ["losetup", "--find", "--show"] + (["--read-only"] if read_only else []) + [str(image)]
+    dev = subprocess.run(args, check=True, capture_output=True, text=True).stdout.strip()
+    try:
+        yield dev
+    finally:
+        subprocess.run(["losetup", "-d", dev], check=False)
+
+
+@contextmanager
+def mounted(device: str, where: Path, options: str = "ro") -> Iterator[Path]:
+    where.mkdir(parents=True, exist_ok=True)
+    subprocess.run(["mount", "-o", options, device, str(where)], check=True, capture_output=True)
+    try:
+        yield where
+    finally:
+        subprocess.run(["umount", str(where)], check=False)
