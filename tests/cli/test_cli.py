@@ -120,6 +120,8 @@ def test_password_file_and_command(env: dict[str, str], tmp_path: Path) -> None:
     base = {k: v for k, v in env.items() if k != "UMBRA_PASSWORD"}
     umbra("list", env={**base, "UMBRA_PASSWORD_FILE": str(tmp_path / "pw")})
     umbra("list", env={**base, "UMBRA_PASSWORD_COMMAND": "echo hunter2"})
+    umbra("--password-file", str(tmp_path / "pw"), "list", env=base)
+    umbra("--password-command", "echo hunter2", "list", env={**base, "UMBRA_PASSWORD": "wrong"})
     one_line_error(umbra("list", env={**base, "UMBRA_PASSWORD_COMMAND": "false"}, ok=False), 5, "COMMAND failed")
 
 

@@ -61,12 +61,17 @@ def verify(repo_dir: Path, oracle: dict[str, str], tmp_path: Path, seed: int, on
             assert sha(restored(repo, repo.load_point(pid), tmp_path / "r.img")) == oracle[pid], (seed, pid)
 
 
-def test_kill_backup_at_random_moments(tmp_path: Path) -> None:
+def setup(tmp_path: Path) -> tuple[int, random.Random, dict[str, str]]:
+    """A seeded generator (UMBRA_TEST_SEED replays a failure) and a new repository."""
     seed = int(os.environ.get("UMBRA_TEST_SEED", random.randrange(1 << 30)))
     print(f"seed {seed}")
-    rng = random.Random(seed)
     env = {**os.environ, "UMBRA_REPO": str(tmp_path / "repo"), "UMBRA_PASSWORD": "pw"}
     subprocess.run([sys.executable, "-m", "umbra.cli.main", "init"], env=env, check=True, capture_output=True)
+    return seed, random.Random(seed), env
+
+
+def test_kill_backup_at_random_moments(tmp_path: Path) -> None:
+    seed, rng, env = setup(tmp_path)
     img = tmp_path / "vol.img"
     self_describing(img, rng, 0)
     oracle: dict[str, str] = {}
@@ -104,11 +109,7 @@ def test_kill_backup_at_random_moments(tmp_path: Path) -> None:
 
 
 def test_kill_prune_at_random_moments(tmp_path: Path) -> None:
-    seed = int(os.environ.get("UMBRA_TEST_SEED", random.randrange(1 << 30)))
-    print(f"seed {seed}")
-    rng = random.Random(seed)
-    env = {**os.environ, "UMBRA_REPO": str(tmp_path / "repo"), "UMBRA_PASSWORD": "pw"}
-    subprocess.run([sys.executable, "-m", "umbra.cli.main", "init"], env=env, check=True, capture_output=True)
+    seed, rng, env = setup(tmp_path)
     img = tmp_path / "vol.img"
     img.write_bytes(rng.randbytes(8 * MiB))
     oracle: dict[str, str] = {}

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import traceback
+from typing import Annotated
 
 import typer
 
@@ -19,6 +21,27 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     add_completion=False,
 )
+
+
+@app.callback()
+def global_options(
+    password_file: Annotated[
+        str | None, typer.Option(help="Read the repository passphrase from this file (like UMBRA_PASSWORD_FILE).")
+    ] = None,
+    password_command: Annotated[
+        str | None, typer.Option(help="Run this command for the passphrase (like UMBRA_PASSWORD_COMMAND).")
+    ] = None,
+) -> None:
+    """Consistent point-in-time copies of live volumes, kept safe."""
+    if password_file:
+        os.environ.pop("UMBRA_PASSWORD", None)
+        os.environ["UMBRA_PASSWORD_FILE"] = password_file
+    if password_command:
+        os.environ.pop("UMBRA_PASSWORD", None)
+        os.environ.pop("UMBRA_PASSWORD_FILE", None)
+        os.environ["UMBRA_PASSWORD_COMMAND"] = password_command
+
+
 app.command()(init_keys.init)
 app.add_typer(init_keys.key_app, name="key")
 app.command()(backup.backup)
