@@ -27,8 +27,12 @@ class Location:
 
 
 class Index:
+    """Every blob's chosen location (the first one seen), and every pack's full entry list
+    (which may repeat blobs stored elsewhere too, e.g. by two concurrent backups)."""
+
     def __init__(self) -> None:
         self._blobs: dict[bytes, Location] = {}
+        self._packs: dict[str, list[PackEntry]] = {}
 
     def __contains__(self, blob_id: bytes) -> bool:
         return blob_id in self._blobs
@@ -40,18 +44,19 @@ class Index:
         return self._blobs.get(blob_id)
 
     def add_pack(self, pack_id: str, entries: Iterable[PackEntry]) -> None:
+        listed = self._packs.setdefault(pack_id, [])
+        known = {(e.blob_id, e.offset) for e in listed}
         for e in entries:
             self._blobs.setdefault(e.blob_id, Location(pack_id, e.blob_type, e.offset, e.length))
+            if (e.blob_id, e.offset) not in known:
+                listed.append(e)
 
     def items(self) -> Iterator[tuple[bytes, Location]]:
         return iter(self._blobs.items())
 
     def packs(self) -> dict[str, list[PackEntry]]:
-        """Entries grouped by pack, as they would be written to an index file."""
-        out: dict[str, list[PackEntry]] = {}
-        for bid, loc in self._blobs.items():
-            out.setdefault(loc.pack_id, []).append(PackEntry(loc.blob_type, bid, loc.offset, loc.length))
-        return out
+        """Every pack's entries, duplicates included, as index files list them."""
+        return self._packs
 
 
 def encode_index(crypto: Crypto, packs: dict[str, list[PackEntry]]) -> tuple[str, bytes]:

@@ -5,7 +5,8 @@ never from file timestamps.  Ordering, so a crash at any step leaves every remai
 
 1. delete the manifests of forgotten points;
 2. mark: every tree node and block referenced by the remaining points;
-3. repack the live blobs of mostly-dead packs into new packs (sealed envelopes are copied as they
+3. repack the live blobs of mostly-dead packs (unreferenced blobs and extra copies of a blob count
+   as dead) into new packs (sealed envelopes are copied as they
    are: their associated data names the blob, not the pack), and index the new packs;
 4. write one index file for the packs that stay, then delete every older index file;
 5. only now delete packs that no index lists any more (dead, repacked, or left by a crash).
@@ -59,6 +60,11 @@ def _mark_node(repo: Repository, live: set[bytes], node_id: bytes) -> bytes:
     return repo.load_tree_node(node_id)
 
 
+def _chosen(index: Index, blob_id: bytes) -> tuple[str, int] | None:
+    loc = index.get(blob_id)
+    return None if loc is None else (loc.pack_id, loc.offset)
+
+
 def prune(repo: Repository, policy: Policy, dry_run: bool = False, hook: Hook | None = None) -> PruneResult:
     """Forget points by ``policy`` and free their space.  The caller holds the exclusive lock.
 
@@ -87,8 +93,10 @@ def collect_garbage(repo: Repository, keep: list[Point], result: PruneResult, st
     keep_packs: dict[str, list[PackEntry]] = {}
     repack: dict[str, list[PackEntry]] = {}
     for pack_id, entries in by_pack.items():
-        alive = [e for e in entries if e.blob_id in live]
-        dead_bytes = sum(e.length for e in entries if e.blob_id not in live)
+        # a blob is alive here if a point needs it and this is its chosen copy; other copies
+        # (left by concurrent backups) are dead weight like unreferenced blobs
+        alive = [e for e in entries if e.blob_id in live and _chosen(index, e.blob_id) == (pack_id, e.offset)]
+        dead_bytes = sum(e.length for e in entries) - sum(e.length for e in alive)
         total = sum(e.length for e in entries)
         if not alive:
             continue
@@ -106,7 +114,7 @@ def collect_garbage(repo: Repository, keep: list[Point], result: PruneResult, st
     new_index_files: list[str] = list(writer.index_files)
     if keep_packs:
         index_id, data = encode_index(repo.crypto, keep_packs)
-        repo.backend.store(f"index/{index_id}", data)
+        repo.store_content_addressed(f"index/{index_id}", data)
         new_index_files.append(index_id)
     step("indexed")
     for name in old_index_files:

@@ -73,7 +73,7 @@ class BlobWriter:
 
     def _store_pack(self, pack: PackBuilder) -> None:
         pack_id, data = pack.finish(self.repo.crypto)
-        self.repo.backend.store(pack_name(pack_id), data)
+        self.repo.store_content_addressed(pack_name(pack_id), data)
         with self._lock:
             self.stats.bytes_stored += len(data)
             self.stats.packs += 1
@@ -92,7 +92,7 @@ class BlobWriter:
         if not packs:
             return
         index_id, data = encode_index(self.repo.crypto, packs)
-        self.repo.backend.store(f"index/{index_id}", data)
+        self.repo.store_content_addressed(f"index/{index_id}", data)
         for pack_id, entries in packs.items():
             self.index.add_pack(pack_id, entries)
         self.index_files.append(index_id)
