@@ -56,15 +56,21 @@ def fill_garbage(path: Path, size: int, seed: int) -> None:
 
 
 def make_ext4(
-    path: Path, size: int, tree: Path | None, seed: int = 0, block_size: int = 4096, garbage: bool = True
+    path: Path,
+    size: int,
+    tree: Path | None,
+    seed: int = 0,
+    block_size: int = 4096,
+    garbage: bool = True,
+    fstype: str = "ext4",
 ) -> Path:
-    """An ext4 image built with ``mkfs.ext4 -d`` over garbage (``nodiscard`` keeps the garbage)."""
+    """An ext2/3/4 image built with ``mkfs -d`` over garbage (``nodiscard`` keeps the garbage)."""
     if garbage:
         fill_garbage(path, size, seed)
     else:
         with open(path, "wb") as f:
             f.truncate(size)
-    args = ["mkfs.ext4", "-q", "-F", "-b", str(block_size), "-E", "nodiscard", "-U", "clear"]
+    args = [f"mkfs.{fstype}", "-q", "-F", "-b", str(block_size), "-E", "nodiscard", "-U", "clear"]
     if tree is not None:
         args += ["-d", str(tree)]
     run(*args, str(path))
