@@ -182,6 +182,43 @@ class TargetBusy(TargetError):
     errno = errno_mod.EBUSY
 
 
+# --- shadow copy service ---------------------------------------------------------------------
+
+
+class ProviderError(UmbraError):
+    """snapshot provider {provider} cannot snapshot {volume}: {reason}"""
+
+    exit_code = 40
+
+
+class WriterError(UmbraError):
+    """writer {writer}: {reason}"""
+
+    exit_code = 41
+
+
+class WriterVeto(WriterError):
+    """writer {writer} refused to freeze: {reason}"""
+
+    exit_code = 44
+
+    def __init__(self, writer: str, reason: str, retryable: bool = False) -> None:
+        super().__init__(writer=writer, reason=reason)
+        self.retryable = retryable
+
+
+class CoordinatorTimeout(UmbraError):
+    """snapshot set aborted: {phase} took longer than its limit of {limit} s"""
+
+    exit_code = 42
+
+
+class SnapshotSetFailed(UmbraError):
+    """snapshot set aborted in phase {phase}: {reason}; nothing was kept"""
+
+    exit_code = 43
+
+
 def all_error_classes() -> list[type[UmbraError]]:
     """Every UmbraError subclass, depth first, the base included."""
     out: list[type[UmbraError]] = []

@@ -52,7 +52,13 @@ def one_line_error(proc: subprocess.CompletedProcess[str], code: int, text: str)
 def test_full_cycle_with_json(env: dict[str, str], volume: Path, tmp_path: Path) -> None:
     init = json.loads(umbra("init", "--json", env=env).stdout)
     assert init["encryption"] == "aes-256-gcm"
-    b1 = json.loads(umbra("backup", str(volume), "--volume", "vol", "--tag", "a", "--json", env=env).stdout)
+    set1 = json.loads(umbra("backup", str(volume), "--volume", "vol", "--tag", "a", "--json", env=env).stdout)
+    assert set1["consistency"] == "offline" and [p["name"] for p in set1["phases"]][:3] == [
+        "gather",
+        "select",
+        "prepare",
+    ]
+    (b1,) = set1["results"]
     assert set(b1["stats"]) >= {
         "bytes_scanned",
         "bytes_read",
@@ -66,7 +72,9 @@ def test_full_cycle_with_json(env: dict[str, str], volume: Path, tmp_path: Path)
     with open(volume, "r+b") as f:
         f.seek(70_000)
         f.write(b"changed" * 100)
-    b2 = json.loads(umbra("backup", str(volume), "-v", "vol", "--type", "incremental", "--json", env=env).stdout)
+    (b2,) = json.loads(umbra("backup", str(volume), "-v", "vol", "--type", "incremental", "--json", env=env).stdout)[
+        "results"
+    ]
     assert b2["point"]["parent"] == b1["point"]["id"]
     listed = json.loads(umbra("list", "--json", env=env).stdout)
     assert [p["id"] for p in listed] == [b1["point"]["id"], b2["point"]["id"]]

@@ -1,4 +1,4 @@
-"""``umbra backup``."""
+"""``umbra backup``: one snapshot set of one or more sources, one point per source."""
 
 from __future__ import annotations
 
@@ -7,28 +7,66 @@ from typing import Annotated
 import typer
 
 from umbra.cli.common import JsonOption, RepoOption, RichProgress, emit_json, human_bytes, open_repository, stdout
-from umbra.engine import backup as engine_backup
+from umbra.coordinator.snapshot_set import SetOptions
+from umbra.engine import backup_set
+from umbra.writers.base import Writer
+from umbra.writers.script import ScriptWriter
+from umbra.writers.sqlite import SQLiteWriter
+
+
+def build_writers(
+    pre_snapshot: str | None, post_snapshot: str | None, post_backup: str | None, sqlite: list[str] | None
+) -> list[Writer]:
+    writers: list[Writer] = []
+    if pre_snapshot or post_snapshot or post_backup:
+        writers.append(ScriptWriter(pre_snapshot, post_snapshot, post_backup))
+    if sqlite:
+        writers.append(SQLiteWriter(sqlite))
+    return writers
 
 
 def backup(
-    source: Annotated[str, typer.Argument(help="Image file or block device.")],
-    volume: Annotated[str, typer.Option("--volume", "-v", help="Volume name the point belongs to.")],
+    sources: Annotated[
+        list[str], typer.Argument(help="Image files, block devices or mount points (one snapshot set).")
+    ],
+    volume: Annotated[list[str], typer.Option("--volume", "-v", help="Volume name, once per source, in order.")],
     repo: RepoOption = None,
     type_: Annotated[str, typer.Option("--type", "-t", help="full, incremental or differential.")] = "full",
-    tag: Annotated[list[str] | None, typer.Option("--tag", help="Tag the point (repeatable).")] = None,
+    tag: Annotated[list[str] | None, typer.Option("--tag", help="Tag the points (repeatable).")] = None,
     all_blocks: Annotated[bool, typer.Option(help="Read every block, free space too.")] = False,
+    pre_snapshot: Annotated[str | None, typer.Option(help="Command run before the snapshot; non-zero aborts.")] = None,
+    post_snapshot: Annotated[str | None, typer.Option(help="Command run right after the snapshot.")] = None,
+    post_backup: Annotated[str | None, typer.Option(help="Command run after the backup, with its status.")] = None,
+    sqlite: Annotated[list[str] | None, typer.Option(help="SQLite database to make consistent (repeatable).")] = None,
+    provider: Annotated[list[str] | None, typer.Option(help="Provider(s) to use, in order of preference.")] = None,
+    freeze_timeout: Annotated[float, typer.Option(help="Limit for writers to freeze, seconds.")] = 60.0,
+    commit_timeout: Annotated[float, typer.Option(help="Limit for the snapshot commit, seconds.")] = 10.0,
     json_out: JsonOption = False,
 ) -> None:
-    """Back up a volume into a new point."""
-    opts = engine_backup.BackupOptions(source, volume, type_, tag or [], all_blocks)
+    """Back up volumes: snapshot them together (writers frozen, filesystems held), then store them."""
+    set_opts = SetOptions(freeze_timeout=freeze_timeout, commit_timeout=commit_timeout, providers=provider or [])
+    opts = backup_set.SetBackupOptions(sources, volume, type_, tag or [], all_blocks, set_opts)
+    writers = build_writers(pre_snapshot, post_snapshot, post_backup, sqlite)
     with open_repository(repo) as r:
-        result = engine_backup.run(r, opts, RichProgress(not json_out))
-    p, s = result.point, result.stats
+        results = backup_set.run(r, opts, writers, RichProgress(not json_out))
     if json_out:
-        emit_json({"point": p.to_dict(), "stats": s})
+        first = results[0].point
+        emit_json(
+            {
+                "set_id": first.set_id,
+                "consistency": first.consistency,
+                "phases": first.phases,
+                "results": [{"point": res.point.to_dict(), "stats": res.stats} for res in results],
+            }
+        )
         return
-    stdout.print(f"point {p.id[:8]} of {p.volume} ({p.type}) at {p.time.astimezone():%Y-%m-%d %H:%M:%S}")
-    stdout.print(
-        f"  scanned {human_bytes(s['bytes_scanned'])}, read {human_bytes(s['bytes_read'])}, "
-        f"new {human_bytes(s['bytes_new'])}, stored {human_bytes(s['bytes_stored'])} in {s['duration_s']:.2f} s"
-    )
+    for res in results:
+        p, s = res.point, res.stats
+        stdout.print(
+            f"point {p.id[:8]} of {p.volume} ({p.type}, {p.consistency} via {p.provider}) "
+            f"at {p.time.astimezone():%Y-%m-%d %H:%M:%S}"
+        )
+        stdout.print(
+            f"  scanned {human_bytes(s['bytes_scanned'])}, read {human_bytes(s['bytes_read'])}, "
+            f"new {human_bytes(s['bytes_new'])}, stored {human_bytes(s['bytes_stored'])} in {s['duration_s']:.2f} s"
+        )

@@ -11,7 +11,7 @@ from typing import Annotated
 import typer
 
 from umbra import __version__
-from umbra.cli import backup, init_keys, maintenance, points, restore
+from umbra.cli import backup, init_keys, maintenance, points, restore, shadow
 from umbra.errors import EXIT_INTERNAL, UmbraError
 
 app = typer.Typer(
@@ -50,6 +50,8 @@ app.command()(restore.restore)
 app.command()(maintenance.check)
 app.command()(maintenance.prune)
 app.command()(points.diff)
+app.command()(shadow.providers)
+app.command()(shadow.writers)
 
 
 @app.command()

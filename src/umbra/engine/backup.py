@@ -44,6 +44,8 @@ class BackupOptions:
     tags: list[str] = field(default_factory=list)
     all_blocks: bool = False
     workers: int = max(2, os.cpu_count() or 2)
+    display_source: str | None = None  # what the user named, when ``source`` is a snapshot of it
+    annotations: dict[str, Any] = field(default_factory=dict)  # extra manifest fields (snapshot sets)
 
 
 @dataclass
@@ -163,9 +165,10 @@ def run(repo: Repository, opts: BackupOptions, progress: Progress | None = None)
             base=(parent.base if opts.type == "incremental" and parent else parent.id if parent else None),
             tags=list(opts.tags),
             host=socket.gethostname(),
-            source=os.path.abspath(opts.source),
+            source=opts.display_source or os.path.abspath(opts.source),
             used_map=used.kind,
             umbra_version=__version__,
+            **opts.annotations,
         )
         if opts.type == "full":
             point.base = point.id

@@ -46,6 +46,12 @@ class Point:
     used_map: str = "all"
     stats: dict[str, Any] = field(default_factory=dict)
     umbra_version: str = ""
+    # written by snapshot-set backups (absent from points of a plain backup of an image):
+    set_id: str | None = None
+    consistency: str = ""
+    provider: str = ""
+    phases: list[dict[str, Any]] = field(default_factory=list)
+    writers: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def nblocks(self) -> int:

@@ -4,10 +4,13 @@
 from __future__ import annotations
 
 import errno
+import time
 from collections.abc import Iterator
 
-from umbra.errors import RepositoryFull, RepositoryIOError
+from umbra.errors import ProviderError, RepositoryFull, RepositoryIOError
+from umbra.providers.base import Kind, Provider, Snapshot
 from umbra.repo.backends.base import Backend
+from umbra.volume.mounts import VolumeInfo
 
 
 class FaultyBackend(Backend):
@@ -55,3 +58,57 @@ class FaultyBackend(Backend):
 
     def list(self, directory: str) -> Iterator[str]:
         return self.inner.list(directory)
+
+
+class FaultyProvider(Provider):
+    """A provider that wraps ``direct``/``reflink`` behaviour with a scripted fault at commit:
+    ``mode`` = "fail" (ProviderError), "hang" (sleeps ``hang_s``), "signal" (writes the word
+    "committing" to ``signal_path`` and then hangs).  Registered under the name ``faulty``."""
+
+    name = "faulty"
+    kind = Kind.SYSTEM
+    description = "test-only provider with scripted faults"
+    mode = "fail"
+    hang_s = 3600.0
+    signal_path = ""
+    only_volume: str | None = None  # fault only this source; others delegate to the real provider
+
+    def __init__(self) -> None:
+        self._inner: dict[str, Provider] = {}
+
+    def _delegate(self, volume: VolumeInfo) -> Provider:
+        if volume.source not in self._inner:
+            self._inner[volume.source] = select_real(volume)
+        return self._inner[volume.source]
+
+    def probe(self, volume: VolumeInfo) -> str | None:
+        return None
+
+    def writes_to(self, volume: VolumeInfo) -> str | None:
+        return self._delegate(volume).writes_to(volume)
+
+    def prepare(self, volume: VolumeInfo, set_id: str) -> None:
+        self._delegate(volume).prepare(volume, set_id)
+
+    def commit(self, volume: VolumeInfo) -> Snapshot:
+        if self.only_volume is None or volume.source == self.only_volume:
+            if self.mode == "signal":
+                with open(self.signal_path, "w") as f:
+                    f.write("committing")
+            if self.mode in ("hang", "signal"):
+                time.sleep(self.hang_s)
+            else:
+                raise ProviderError(provider=self.name, volume=volume.source, reason="injected commit failure")
+        return self._delegate(volume).commit(volume)
+
+    def delete(self, snapshot: Snapshot) -> None:
+        self._delegate(snapshot.volume).delete(snapshot)
+
+    def abort(self, volume: VolumeInfo) -> None:
+        self._delegate(volume).abort(volume)
+
+
+def select_real(volume: VolumeInfo) -> Provider:
+    from umbra.providers import registry
+
+    return registry.select(volume, [c.name for c in registry.PROVIDERS if c.name != "faulty"])

@@ -1,0 +1,249 @@
+"""A snapshot set: several volumes snapshotted at one instant, all or none.
+
+Phases (SPEC section 5): gather writer metadata → select providers → prepare providers → freeze
+writers (limit ``freeze_timeout``, retryable vetoes retried) → flush and hold (FIFREEZE, with the
+watchdog) → commit all providers (limit ``commit_timeout``) → release (FITHAW, always) → thaw
+writers (always) → ask writers whether they held → [the backup reads the snapshots] →
+backup-complete notification → delete the snapshots.  Every phase's outcome and duration is
+recorded for the points' manifests.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+from umbra.coordinator.freeze import Watchdog, freeze, thaw
+from umbra.errors import CoordinatorTimeout, ProviderError, SnapshotSetFailed
+from umbra.providers import registry
+from umbra.providers.base import Provider, Snapshot
+from umbra.volume.mounts import VolumeInfo, resolve_source
+from umbra.writers.base import SetContext, Writer, WriterVeto
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+CONSISTENCY_CLASSES = (
+    "application-consistent",
+    "filesystem-frozen",
+    "inactivity-detected",
+    "offline",
+    "crash-consistent",
+)
+
+
+@dataclass
+class SetOptions:
+    freeze_timeout: float = 60.0
+    commit_timeout: float = 10.0
+    writer_retries: int = 2
+    retry_delay: float = 1.0
+    providers: list[str] = field(default_factory=list)  # preferred order; empty = priority order
+    keep_snapshots: bool = False
+
+
+@dataclass
+class Phase:
+    name: str
+    ok: bool
+    duration_s: float
+    error: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "ok": self.ok, "duration_s": round(self.duration_s, 4), "error": self.error}
+
+
+def _with_limit(fn: Callable[[], T], limit: float, phase: str) -> T:
+    """Run ``fn`` in a thread; raise CoordinatorTimeout if it does not finish within ``limit``."""
+    box: dict[str, Any] = {}
+
+    def target() -> None:
+        try:
+            box["value"] = fn()
+        except BaseException as exc:  # noqa: BLE001 - re-raised in the caller's thread
+            box["error"] = exc
+
+    t = threading.Thread(target=target, name=f"umbra-{phase}", daemon=True)
+    t.start()
+    t.join(limit)
+    if t.is_alive():
+        raise CoordinatorTimeout(phase=phase, limit=limit)
+    if "error" in box:
+        raise box["error"]
+    return box["value"]  # type: ignore[no-any-return]
+
+
+class SnapshotSet:
+    def __init__(self, sources: list[str], writers: list[Writer], opts: SetOptions | None = None) -> None:
+        self.sources = sources
+        self.writers = writers
+        self.opts = opts or SetOptions()
+        self.set_id = os.urandom(16).hex()
+        self.ctx = SetContext(self.set_id, list(sources))
+        self.phases: list[Phase] = []
+        self.volumes: list[VolumeInfo] = []
+        self.providers: list[Provider] = []
+        self.snapshots: list[Snapshot] = []
+        self.writer_metadata: list[dict[str, Any]] = []
+        self._frozen_writers: list[Writer] = []
+        self._thawed: list[Writer] = []
+        self._froze_fs = False
+        self._held = True
+
+    # --- bookkeeping ---------------------------------------------------------------------
+
+    def _phase(self, name: str, fn: Callable[[], T]) -> T:
+        t0 = time.monotonic()
+        try:
+            value = fn()
+        except BaseException as exc:
+            self.phases.append(Phase(name, False, time.monotonic() - t0, str(exc)))
+            raise
+        self.phases.append(Phase(name, True, time.monotonic() - t0))
+        return value
+
+    @property
+    def consistency(self) -> str:
+        if self.writers and self._held and self._frozen_writers:
+            return "application-consistent"
+        if self._froze_fs:
+            return "filesystem-frozen"
+        if self.snapshots and all(s.consistency_hint == "offline" for s in self.snapshots):
+            return "offline"
+        return "crash-consistent"
+
+    # --- the phases ----------------------------------------------------------------------
+
+    def create(self) -> list[Snapshot]:
+        """Take the set.  On any failure everything is undone and the error is raised (its class
+        says why: ProviderError, WriterVeto, CoordinatorTimeout, SnapshotSetFailed, SourceError);
+        writers that froze are thawed and told the outcome."""
+        try:
+            self._phase("gather", lambda: self.writer_metadata.extend(w.metadata() for w in self.writers))
+            self._phase("select", self._select)
+            self._phase("prepare", self._prepare)
+            self._phase("freeze-writers", self._freeze_writers)
+            self._commit_under_freeze()
+            self.ctx.status = "ok"
+            self._phase("thaw-writers", self._thaw_writers)
+            self._phase("held", self._check_held)
+            for s, p in zip(self.snapshots, self.providers, strict=True):
+                p.release(s)
+        except BaseException as exc:
+            self._fail(exc)
+            raise  # the original error keeps its class and exit code; the phase record says where
+        return self.snapshots
+
+    def _select(self) -> None:
+        self.volumes = [resolve_source(s) for s in self.sources]
+        self.providers = [registry.select(v, self.opts.providers or None) for v in self.volumes]
+        self.ctx.providers = [p.name for p in self.providers]
+        frozen = {v.mount.mountpoint for v in self.volumes if v.mount is not None}
+        for v, p in zip(self.volumes, self.providers, strict=True):
+            target = p.writes_to(v)
+            if target in frozen:
+                raise ProviderError(
+                    provider=p.name, volume=v.source, reason=f"it writes to {target}, which the set freezes"
+                )
+
+    def _prepare(self) -> None:
+        for v, p in zip(self.volumes, self.providers, strict=True):
+            p.prepare(v, self.set_id)
+
+    def _freeze_writers(self) -> None:
+        deadline = time.monotonic() + self.opts.freeze_timeout
+        for attempt in range(self.opts.writer_retries + 1):
+            try:
+                for w in self.writers:
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        raise CoordinatorTimeout(phase="freeze-writers", limit=self.opts.freeze_timeout)
+                    _with_limit(lambda w=w: w.freeze(self.ctx), left, "freeze-writers")  # type: ignore[misc]
+                    self._frozen_writers.append(w)
+                return
+            except WriterVeto as veto:
+                self._thaw_writers()
+                self._frozen_writers, self._thawed = [], []
+                if not veto.retryable or attempt == self.opts.writer_retries:
+                    raise
+                log.warning("%s; retrying (%d/%d)", veto, attempt + 1, self.opts.writer_retries)
+                time.sleep(self.opts.retry_delay)
+
+    def _commit_under_freeze(self) -> None:
+        mounts = sorted({v.mount.mountpoint for v in self.volumes if v.mount is not None})
+        fds: list[int] = []
+        watchdog = Watchdog(mounts, self.opts.commit_timeout) if mounts else None
+        t0 = time.monotonic()
+        try:
+            for m in mounts:
+                fd = os.open(m, os.O_RDONLY | os.O_DIRECTORY)
+                fds.append(fd)
+                freeze(fd)
+            self._froze_fs = bool(mounts)
+            self.phases.append(Phase("flush-and-hold", True, time.monotonic() - t0))
+            self._phase("commit", lambda: _with_limit(self._commit_all, self.opts.commit_timeout, "commit"))
+        finally:
+            t1 = time.monotonic()
+            for fd in fds:
+                thaw(fd)
+                os.close(fd)
+            in_time = watchdog.released() if watchdog else True
+            self.phases.append(
+                Phase("release", in_time, time.monotonic() - t1, "" if in_time else "watchdog thawed first")
+            )
+        if not in_time:
+            raise CoordinatorTimeout(phase="commit", limit=self.opts.commit_timeout)
+
+    def _commit_all(self) -> None:
+        for v, p in zip(self.volumes, self.providers, strict=True):
+            self.snapshots.append(p.commit(v))
+
+    def _thaw_writers(self) -> None:
+        for w in reversed(self._frozen_writers):
+            try:
+                _with_limit(lambda w=w: w.thaw(self.ctx), self.opts.freeze_timeout, "thaw-writers")  # type: ignore[misc]
+            except Exception as exc:  # noqa: BLE001 - every writer must get its thaw
+                log.error("writer %s did not thaw cleanly: %s", w.name, exc)
+        self._thawed = list(self._frozen_writers)
+
+    def _check_held(self) -> None:
+        self._held = all(w.held() for w in self._frozen_writers)
+        if not self._held:
+            bad = [w.name for w in self._frozen_writers if not w.held()]
+            raise SnapshotSetFailed(phase="held", reason=f"writer(s) {', '.join(bad)} did not hold their freeze")
+
+    # --- failure and completion ----------------------------------------------------------
+
+    def _fail(self, exc: BaseException) -> None:
+        self.ctx.status, self.ctx.error = "failed", str(exc)
+        for p, v in zip(self.providers, self.volumes, strict=False):
+            p.abort(v)
+        for s, p in zip(self.snapshots, self.providers, strict=False):
+            p.delete(s)
+        self.snapshots = []
+        frozen = list(self._frozen_writers)
+        if frozen and not self._thawed:
+            for w in frozen:
+                w.snapshot_failed(self.ctx)
+            self._thaw_writers()
+        for w in frozen:
+            w.backup_complete(self.ctx)
+        self._frozen_writers = []
+
+    def complete(self, ok: bool, points: list[str], error: str = "") -> None:
+        """The backup of the snapshots is over: tell the writers, then delete the snapshots."""
+        self.ctx.status, self.ctx.error, self.ctx.points = ("ok" if ok else "failed"), error, points
+        t0 = time.monotonic()
+        for w in self._frozen_writers:
+            try:
+                w.backup_complete(self.ctx)
+            except Exception as exc:  # noqa: BLE001 - a notification must not undo a good backup
+                log.error("writer %s failed its backup-complete notification: %s", w.name, exc)
+        self.phases.append(Phase("backup-complete", True, time.monotonic() - t0))
+        if not self.opts.keep_snapshots:
+            for s, p in zip(self.snapshots, self.providers, strict=True):
+                p.delete(s)

@@ -1,0 +1,53 @@
+"""Provider registry and selection (after dissect's register/detect loop, fallback last)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from umbra.errors import ProviderError, UsageError
+from umbra.providers.base import Provider
+from umbra.providers.direct import DirectProvider
+from umbra.providers.reflink import ReflinkProvider
+from umbra.volume.mounts import VolumeInfo
+
+PROVIDERS: list[type[Provider]] = [ReflinkProvider, DirectProvider]
+
+
+@dataclass(frozen=True)
+class ProviderStatus:
+    name: str
+    kind: str
+    description: str
+    available: bool
+    reason: str | None
+
+
+def statuses() -> list[ProviderStatus]:
+    out = []
+    for cls in sorted(PROVIDERS, key=lambda c: c.kind):
+        reason = cls.unavailable()
+        out.append(ProviderStatus(cls.name, cls.kind.name.lower(), cls.description, reason is None, reason))
+    return out
+
+
+def by_name(name: str) -> type[Provider]:
+    for cls in PROVIDERS:
+        if cls.name == name:
+            return cls
+    raise UsageError(f"unknown provider {name!r} (known: {', '.join(c.name for c in PROVIDERS)})")
+
+
+def select(volume: VolumeInfo, preferred: list[str] | None = None) -> Provider:
+    """The first provider, in priority order (or in ``preferred`` order), that can snapshot ``volume``.
+
+    Raises:
+        ProviderError: none can; the message names each provider's reason.
+    """
+    order = [by_name(n) for n in preferred] if preferred else sorted(PROVIDERS, key=lambda c: c.kind)
+    reasons = []
+    for cls in order:
+        reason = cls.unavailable() or cls().probe(volume)
+        if reason is None:
+            return cls()
+        reasons.append(f"{cls.name}: {reason}")
+    raise ProviderError(provider="any", volume=volume.source, reason="; ".join(reasons))

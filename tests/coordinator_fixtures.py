@@ -1,0 +1,36 @@
+"""Reflink-capable volumes for shadow-copy tests: an XFS "host" filesystem on a loop device, holding
+ext4 image files that are themselves loop-attached and mounted (root only)."""
+
+from __future__ import annotations
+
+import subprocess
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
+from pathlib import Path
+
+from tests.loopdev import loop_device, mounted
+from umbra.testing.volumes import make_ext4
+
+MiB = 1 << 20
+
+
+@contextmanager
+def xfs_host(tmp_path: Path) -> Iterator[Path]:
+    img = tmp_path / "host-xfs.img"
+    with open(img, "wb") as f:
+        f.truncate(400 * MiB)
+    subprocess.run(["mkfs.xfs", "-q", "-f", str(img)], check=True, capture_output=True)
+    with loop_device(img) as dev, mounted(dev, tmp_path / "host", "rw") as mnt:
+        yield mnt
+
+
+@contextmanager
+def ext4_volumes(host: Path, tmp_path: Path, names: list[str], size: int = 48 * MiB) -> Iterator[dict[str, Path]]:
+    """Mounted ext4 filesystems whose images live on ``host``; yields name → mount point."""
+    with ExitStack() as stack:
+        out = {}
+        for name in names:
+            img = make_ext4(host / f"{name}.img", size, None, garbage=False)
+            dev = stack.enter_context(loop_device(img))
+            out[name] = stack.enter_context(mounted(dev, tmp_path / f"mnt-{name}", "rw"))
+        yield out
