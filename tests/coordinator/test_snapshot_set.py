@@ -358,3 +358,22 @@ def test_unmounted_image_in_use_is_refused(repo: Repository, tmp_path: Path) -> 
         holder.wait()
     results = backup_set.run(repo, backup_set.SetBackupOptions([str(img)], ["img"]), [])
     assert results[0].point.consistency == "offline" and results[0].point.provider == "direct"
+
+
+def test_excluded_file_restores_as_zeros(repo: Repository, host: Path, tmp_path: Path) -> None:
+    marker, keep = b"EXCLUDE-ME-" * 1000, b"KEEP-ME-" * 1000
+    with ext4_volumes(host, tmp_path, ["data"]) as mnts:
+        (mnts["data"] / "swapfile").write_bytes(marker * 300)
+        (mnts["data"] / "keep.bin").write_bytes(keep * 300)
+        opts = backup_opts(mnts, exclude_files=[str(mnts["data"] / "swapfile")])
+        (res,) = backup_set.run(repo, opts, [])
+        with pytest.raises(Exception, match="not a file on a mounted filesystem"):
+            backup_set.run(repo, backup_opts(mnts, exclude_files=[str(tmp_path / "elsewhere")]), [])
+    assert res.point.used_map.endswith("-excludes")
+    out = tmp_path / "r.img"
+    restore.run(repo, res.point, str(out))
+    data = out.read_bytes()
+    assert b"EXCLUDE-ME-" not in data and b"KEEP-ME-" in data
+    with loop_device(out, read_only=True) as dev, mounted(dev, tmp_path / "r", "ro,noload") as m:
+        assert (m / "swapfile").read_bytes() == bytes(len(marker) * 300)
+        assert (m / "keep.bin").read_bytes() == keep * 300

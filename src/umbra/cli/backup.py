@@ -41,10 +41,18 @@ def backup(
     provider: Annotated[list[str] | None, typer.Option(help="Provider(s) to use, in order of preference.")] = None,
     freeze_timeout: Annotated[float, typer.Option(help="Limit for writers to freeze, seconds.")] = 60.0,
     commit_timeout: Annotated[float, typer.Option(help="Limit for the snapshot commit, seconds.")] = 10.0,
+    exclude_file: Annotated[
+        list[str] | None, typer.Option(help="Leave this file's blocks out (swap, caches); restores as zeros.")
+    ] = None,
     json_out: JsonOption = False,
 ) -> None:
     """Back up volumes: snapshot them together (writers frozen, filesystems held), then store them."""
-    set_opts = SetOptions(freeze_timeout=freeze_timeout, commit_timeout=commit_timeout, providers=provider or [])
+    set_opts = SetOptions(
+        freeze_timeout=freeze_timeout,
+        commit_timeout=commit_timeout,
+        providers=provider or [],
+        exclude_files=exclude_file or [],
+    )
     opts = backup_set.SetBackupOptions(sources, volume, type_, tag or [], all_blocks, set_opts)
     writers = build_writers(pre_snapshot, post_snapshot, post_backup, sqlite)
     with open_repository(repo) as r:

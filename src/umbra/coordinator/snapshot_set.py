@@ -19,10 +19,12 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from umbra.coordinator.freeze import Watchdog, freeze, thaw
-from umbra.errors import CoordinatorTimeout, ProviderError, SnapshotSetFailed
+from umbra.errors import CoordinatorTimeout, ProviderError, SnapshotSetFailed, UsageError
 from umbra.providers import registry
 from umbra.providers.base import Provider, Snapshot
-from umbra.volume.mounts import VolumeInfo, resolve_source
+from umbra.volume.extents import Extent
+from umbra.volume.fiemap import file_extents
+from umbra.volume.mounts import VolumeInfo, filesystem_of, resolve_source
 from umbra.writers.base import SetContext, Writer, WriterVeto
 
 log = logging.getLogger(__name__)
@@ -44,6 +46,7 @@ class SetOptions:
     retry_delay: float = 1.0
     providers: list[str] = field(default_factory=list)  # preferred order; empty = priority order
     keep_snapshots: bool = False
+    exclude_files: list[str] = field(default_factory=list)  # files whose extents are left out
 
 
 @dataclass
@@ -142,6 +145,7 @@ class SnapshotSet:
         self.volumes = [resolve_source(s) for s in self.sources]
         self.providers = [registry.select(v, self.opts.providers or None) for v in self.volumes]
         self.ctx.providers = [p.name for p in self.providers]
+        self._check_excludes()
         frozen = {v.mount.mountpoint for v in self.volumes if v.mount is not None}
         for v, p in zip(self.volumes, self.providers, strict=True):
             target = p.writes_to(v)
@@ -200,7 +204,24 @@ class SnapshotSet:
 
     def _commit_all(self) -> None:
         for v, p in zip(self.volumes, self.providers, strict=True):
-            self.snapshots.append(p.commit(v))
+            snap = p.commit(v)
+            self.snapshots.append(snap)
+            snap.exclude_extents = self._exclude_extents(v)  # mapped while frozen: they cannot move
+
+    def _exclude_extents(self, volume: VolumeInfo) -> list[Extent]:
+        extents: list[Extent] = []
+        for path in self.opts.exclude_files:
+            fs = filesystem_of(path)
+            if volume.mount is not None and fs is not None and fs.mountpoint == volume.mount.mountpoint:
+                extents += file_extents(path)
+        return extents
+
+    def _check_excludes(self) -> None:
+        mounted = {v.mount.mountpoint for v in self.volumes if v.mount is not None}
+        for path in self.opts.exclude_files:
+            fs = filesystem_of(path) if os.path.isfile(path) else None
+            if fs is None or fs.mountpoint not in mounted:
+                raise UsageError(f"--exclude-file {path}: not a file on a mounted filesystem of this set")
 
     def _thaw_writers(self) -> None:
         for w in reversed(self._frozen_writers):

@@ -46,6 +46,7 @@ class BackupOptions:
     workers: int = max(2, os.cpu_count() or 2)
     display_source: str | None = None  # what the user named, when ``source`` is a snapshot of it
     annotations: dict[str, Any] = field(default_factory=dict)  # extra manifest fields (snapshot sets)
+    exclude_extents: list[Extent] = field(default_factory=list)  # device ranges of excluded files
 
 
 @dataclass
@@ -136,7 +137,7 @@ def run(repo: Repository, opts: BackupOptions, progress: Progress | None = None)
     with open_source(opts.source) as source, repo.lock(exclusive=False) as lock:
         repo.invalidate_index()
         parent = _choose_parent(repo, opts)
-        used = build_used_map(source, opts.all_blocks)
+        used = build_used_map(source, opts.all_blocks, opts.exclude_extents)
         bs = repo.config.block_size
         nblocks = -(-source.size // bs)
         writer = BlobWriter(repo)

@@ -57,6 +57,7 @@ def run(
                 opts.all_blocks,
                 display_source=snap.volume.source,
                 annotations=annotations,
+                exclude_extents=snap.exclude_extents,
             )
             results.append(backup.run(repo, bopts, progress))
     except BaseException as exc:

@@ -7,6 +7,7 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
+from umbra.volume.extents import Extent
 from umbra.volume.mounts import VolumeInfo
 
 
@@ -27,6 +28,7 @@ class Snapshot:
     path: str
     consistency_hint: str = "crash-consistent"  # what the provider alone guarantees
     handle: dict[str, Any] = field(default_factory=dict)
+    exclude_extents: list[Extent] = field(default_factory=list)  # device ranges left out (--exclude-file)
 
 
 class Provider(ABC):

@@ -11,7 +11,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 from umbra.volume import ext4
-from umbra.volume.extents import Extent, blocks_in, intersect
+from umbra.volume.extents import Extent, blocks_in, intersect, merge, subtract
 from umbra.volume.source import FileSource
 
 
@@ -30,10 +30,11 @@ class UsedMap:
         return blocks_in(self.extents, block_size)
 
 
-def build_used_map(source: FileSource, all_blocks: bool = False) -> UsedMap:
+def build_used_map(source: FileSource, all_blocks: bool = False, exclude: list[Extent] | None = None) -> UsedMap:
+    """The used-block map; ``exclude`` (extents of excluded files) is left out even with all_blocks."""
     whole = [(0, source.size)] if source.size else []
     if all_blocks:
-        return UsedMap("all", whole, source.size)
+        return _excluding(UsedMap("all", whole, source.size), exclude)
     kinds = []
     extents = whole
     geo = ext4.read_geometry(source.read_at, source.size)
@@ -48,4 +49,10 @@ def build_used_map(source: FileSource, all_blocks: bool = False) -> UsedMap:
     if holes is not None:
         extents = intersect(extents, holes)
         kinds.append("holes")
-    return UsedMap("+".join(kinds) or "all", extents, source.size)
+    return _excluding(UsedMap("+".join(kinds) or "all", extents, source.size), exclude)
+
+
+def _excluding(used: UsedMap, exclude: list[Extent] | None) -> UsedMap:
+    if not exclude:
+        return used
+    return UsedMap(used.kind + "-excludes", subtract(used.extents, merge(exclude)), used.size)
