@@ -377,3 +377,44 @@ def test_excluded_file_restores_as_zeros(repo: Repository, host: Path, tmp_path:
     with loop_device(out, read_only=True) as dev, mounted(dev, tmp_path / "r", "ro,noload") as m:
         assert (m / "swapfile").read_bytes() == bytes(len(marker) * 300)
         assert (m / "keep.bin").read_bytes() == keep * 300
+
+
+BURSTY = """
+import os, sys, time
+path, pause, stop = sys.argv[1], float(sys.argv[2]), sys.argv[3]
+fd = os.open(path, os.O_WRONLY)
+n = 0
+while not os.path.exists(stop):
+    burst_end = time.monotonic() + 0.4
+    while time.monotonic() < burst_end:
+        os.pwrite(fd, os.urandom(65536), (n % 256) * 65536)
+        os.fsync(fd)
+        n += 1
+    time.sleep(pause)
+"""
+
+
+@pytest.mark.parametrize(("pause", "expect"), [(1.2, "inactivity-detected"), (0.0, "crash-consistent")])
+def test_write_inactivity_detection(repo: Repository, host: Path, tmp_path: Path, pause: float, expect: str) -> None:
+    """An image file written by a process without a writer (a VM, say): the set waits for a quiet
+    window on the device; under constant writes it gives up at the timeout and says so."""
+    img = host / "vm.img"
+    img.write_bytes(bytes(16 << 20))
+    stop = tmp_path / "stop"
+    worker = subprocess.Popen([sys.executable, "-c", BURSTY, str(img), str(pause), str(stop)])
+    try:
+        time.sleep(0.3)
+        opts = backup_set.SetBackupOptions(
+            [str(img)], ["vm"], set_options=SetOptions(quiet_window=0.5, quiet_timeout=3)
+        )
+        (res,) = backup_set.run(repo, opts, [])
+    finally:
+        stop.touch()
+        worker.wait()
+    point = res.point
+    assert point.provider == "reflink" and point.consistency == expect
+    wait = next(p for p in point.phases if p["name"] == "wait-quiet")
+    if expect == "crash-consistent":
+        assert wait["duration_s"] >= 3 and "no quiet window" in wait["error"]
+    else:
+        assert wait["duration_s"] < 3 and not wait["error"]

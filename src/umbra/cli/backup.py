@@ -41,6 +41,10 @@ def backup(
     provider: Annotated[list[str] | None, typer.Option(help="Provider(s) to use, in order of preference.")] = None,
     freeze_timeout: Annotated[float, typer.Option(help="Limit for writers to freeze, seconds.")] = 60.0,
     commit_timeout: Annotated[float, typer.Option(help="Limit for the snapshot commit, seconds.")] = 10.0,
+    quiet_window: Annotated[
+        float, typer.Option(help="Without writers: commit after this many seconds without writes (0: off).")
+    ] = 0.0,
+    quiet_timeout: Annotated[float, typer.Option(help="Longest wait for a quiet window, seconds.")] = 30.0,
     exclude_file: Annotated[
         list[str] | None, typer.Option(help="Leave this file's blocks out (swap, caches); restores as zeros.")
     ] = None,
@@ -52,6 +56,8 @@ def backup(
         commit_timeout=commit_timeout,
         providers=provider or [],
         exclude_files=exclude_file or [],
+        quiet_window=quiet_window,
+        quiet_timeout=quiet_timeout,
     )
     opts = backup_set.SetBackupOptions(sources, volume, type_, tag or [], all_blocks, set_opts)
     writers = build_writers(pre_snapshot, post_snapshot, post_backup, sqlite)

@@ -24,6 +24,7 @@ from umbra.providers import registry
 from umbra.providers.base import Provider, Snapshot
 from umbra.volume.extents import Extent
 from umbra.volume.fiemap import file_extents
+from umbra.volume.iostat import device_to_watch, write_activity
 from umbra.volume.mounts import VolumeInfo, filesystem_of, resolve_source
 from umbra.writers.base import SetContext, Writer, WriterVeto
 
@@ -47,6 +48,8 @@ class SetOptions:
     providers: list[str] = field(default_factory=list)  # preferred order; empty = priority order
     keep_snapshots: bool = False
     exclude_files: list[str] = field(default_factory=list)  # files whose extents are left out
+    quiet_window: float = 0.0  # > 0: wait for this many seconds without writes before the commit
+    quiet_timeout: float = 30.0  # ... but no longer than this; then commit anyway (crash-consistent)
 
 
 @dataclass
@@ -96,6 +99,7 @@ class SnapshotSet:
         self._thawed: list[Writer] = []
         self._froze_fs = False
         self._held = True
+        self.quiet_found = False
 
     # --- bookkeeping ---------------------------------------------------------------------
 
@@ -115,6 +119,8 @@ class SnapshotSet:
             return "application-consistent"
         if self._froze_fs:
             return "filesystem-frozen"
+        if self.quiet_found:
+            return "inactivity-detected"
         if self.snapshots and all(s.consistency_hint == "offline" for s in self.snapshots):
             return "offline"
         return "crash-consistent"
@@ -130,6 +136,10 @@ class SnapshotSet:
             self._phase("select", self._select)
             self._phase("prepare", self._prepare)
             self._phase("freeze-writers", self._freeze_writers)
+            if self.opts.quiet_window > 0:
+                self._phase("wait-quiet", self._wait_quiet)
+                if not self.quiet_found:
+                    self.phases[-1].error = "no quiet window within the timeout: crash-consistent"
             self._commit_under_freeze()
             self.ctx.status = "ok"
             self._phase("thaw-writers", self._thaw_writers)
@@ -153,6 +163,29 @@ class SnapshotSet:
                 raise ProviderError(
                     provider=p.name, volume=v.source, reason=f"it writes to {target}, which the set freezes"
                 )
+
+    def _wait_quiet(self) -> None:
+        """Return once no watched device has written for ``quiet_window`` seconds, or at the timeout
+        (then the set is only crash-consistent; the phase record says so)."""
+        paths = [p for p in (device_to_watch(v) for v in self.volumes) if p is not None]
+        if not paths:
+            raise SnapshotSetFailed(phase="wait-quiet", reason="no write counters to watch for these volumes")
+        start = last_change = time.monotonic()
+        before = [write_activity(p) for p in paths]
+        while time.monotonic() - start < self.opts.quiet_timeout:
+            time.sleep(min(0.02, self.opts.quiet_window / 10))
+            now = [write_activity(p) for p in paths]
+            busy = any(n[2] for n in now)  # I/Os in flight
+            if now != before or busy:
+                before, last_change = now, time.monotonic()
+            elif time.monotonic() - last_change >= self.opts.quiet_window:
+                self.quiet_found = True
+                return
+        log.warning(
+            "no quiet window of %.1f s within %.1f s: committing anyway",
+            self.opts.quiet_window,
+            self.opts.quiet_timeout,
+        )
 
     def _prepare(self) -> None:
         for v, p in zip(self.volumes, self.providers, strict=True):
