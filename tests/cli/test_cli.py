@@ -119,7 +119,8 @@ def test_user_errors_are_one_line(env: dict[str, str], volume: Path, tmp_path: P
     one_line_error(umbra("restore", "vol@latest", str(volume), env=env, ok=False), 32, "not empty")
     one_line_error(umbra("prune", env=env, ok=False), 5, "--keep-")
     one_line_error(umbra("restore", "vol@yesterday", str(tmp_path / "o"), env=env, ok=False), 5, "cannot read")
-    assert umbra("backup", env=env, ok=False).returncode == 2  # usage error from the parser
+    assert umbra("backup", "--no-such-option", env=env, ok=False).returncode == 2  # usage error from the parser
+    one_line_error(umbra("backup", env=env, ok=False), 5, "give SOURCES")
 
 
 def test_password_file_and_command(env: dict[str, str], tmp_path: Path) -> None:

@@ -31,3 +31,13 @@ def test_keep_daily_keeps_newest_of_each_day() -> None:
 def test_empty_policy_refused() -> None:
     with pytest.raises(UsageError):
         apply([], Policy())
+
+
+def test_policy_limited_to_some_volumes() -> None:
+    t0 = datetime(2026, 1, 1, tzinfo=UTC)
+    points = [pt(i, t0 + timedelta(hours=i)) for i in range(3)] + [
+        pt(10 + i, t0 + timedelta(hours=i), "w") for i in range(3)
+    ]
+    keep, forget = apply(points, Policy(keep_last=1), volumes=["w"])
+    assert {int(p.id, 16) for p in forget} == {10, 11}
+    assert {int(p.id, 16) for p in keep} == {0, 1, 2, 12}

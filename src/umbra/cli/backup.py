@@ -9,28 +9,21 @@ import typer
 from umbra.cli.common import JsonOption, RepoOption, RichProgress, emit_json, human_bytes, open_repository, stdout
 from umbra.coordinator.snapshot_set import SetOptions
 from umbra.engine import backup_set
+from umbra.engine.jobs import build_writers, load_job
+from umbra.errors import UsageError
 from umbra.writers.base import Writer
-from umbra.writers.script import ScriptWriter
-from umbra.writers.sqlite import SQLiteWriter
-
-
-def build_writers(
-    pre_snapshot: str | None, post_snapshot: str | None, post_backup: str | None, sqlite: list[str] | None
-) -> list[Writer]:
-    writers: list[Writer] = []
-    if pre_snapshot or post_snapshot or post_backup:
-        writers.append(ScriptWriter(pre_snapshot, post_snapshot, post_backup))
-    if sqlite:
-        writers.append(SQLiteWriter(sqlite))
-    return writers
 
 
 def backup(
     sources: Annotated[
-        list[str], typer.Argument(help="Image files, block devices or mount points (one snapshot set).")
-    ],
-    volume: Annotated[list[str], typer.Option("--volume", "-v", help="Volume name, once per source, in order.")],
+        list[str] | None, typer.Argument(help="Image files, block devices or mount points (one snapshot set).")
+    ] = None,
+    volume: Annotated[list[str] | None, typer.Option("--volume", "-v", help="Volume name, once per source.")] = None,
     repo: RepoOption = None,
+    job: Annotated[str | None, typer.Option(help="Run this job of the jobs file instead (docs/JOBS.md).")] = None,
+    jobs_file: Annotated[
+        str | None, typer.Option(help="Jobs file (default $UMBRA_JOBS or /etc/umbra/jobs.toml).")
+    ] = None,
     type_: Annotated[str, typer.Option("--type", "-t", help="full, incremental or differential.")] = "full",
     tag: Annotated[list[str] | None, typer.Option("--tag", help="Tag the points (repeatable).")] = None,
     all_blocks: Annotated[bool, typer.Option(help="Read every block, free space too.")] = False,
@@ -51,6 +44,14 @@ def backup(
     json_out: JsonOption = False,
 ) -> None:
     """Back up volumes: snapshot them together (writers frozen, filesystems held), then store them."""
+    if job:
+        if sources:
+            raise UsageError("give either SOURCES or --job, not both")
+        spec = load_job(job, jobs_file)
+        _run_and_report(spec.repo or repo, spec.backup, spec.writers(), json_out)
+        return
+    if not sources or not volume:
+        raise UsageError("give SOURCES and one --volume per source (or --job NAME)")
     set_opts = SetOptions(
         freeze_timeout=freeze_timeout,
         commit_timeout=commit_timeout,
@@ -60,7 +61,10 @@ def backup(
         quiet_timeout=quiet_timeout,
     )
     opts = backup_set.SetBackupOptions(sources, volume, type_, tag or [], all_blocks, set_opts)
-    writers = build_writers(pre_snapshot, post_snapshot, post_backup, sqlite)
+    _run_and_report(repo, opts, build_writers(pre_snapshot, post_snapshot, post_backup, sqlite), json_out)
+
+
+def _run_and_report(repo: str | None, opts: backup_set.SetBackupOptions, writers: list[Writer], json_out: bool) -> None:
     with open_repository(repo) as r:
         results = backup_set.run(r, opts, writers, RichProgress(not json_out))
     if json_out:

@@ -7,7 +7,8 @@ from typing import Annotated
 import typer
 
 from umbra.cli.common import JsonOption, RepoOption, emit_json, human_bytes, open_repository, stderr, stdout
-from umbra.errors import EXIT_WARNING, CheckFailed
+from umbra.engine.jobs import load_job
+from umbra.errors import EXIT_WARNING, CheckFailed, UsageError
 from umbra.repo.check import check as repo_check
 from umbra.repo.prune import prune as repo_prune
 from umbra.repo.retention import Policy
@@ -57,12 +58,22 @@ def prune(
     keep_weekly: Annotated[int, typer.Option(help="Keep the newest point of each of N weeks.")] = 0,
     keep_monthly: Annotated[int, typer.Option(help="Keep the newest point of each of N months.")] = 0,
     dry_run: Annotated[bool, typer.Option(help="Only show what would be removed.")] = False,
+    volume: Annotated[list[str] | None, typer.Option("--volume", "-v", help="Apply to these volumes only.")] = None,
+    job: Annotated[str | None, typer.Option(help="Use this job's retention and volumes (docs/JOBS.md).")] = None,
+    jobs_file: Annotated[
+        str | None, typer.Option(help="Jobs file (default $UMBRA_JOBS or /etc/umbra/jobs.toml).")
+    ] = None,
     json_out: JsonOption = False,
 ) -> None:
     """Remove points by a retention policy and free the space only they used."""
     policy = Policy(keep_last, keep_hourly, keep_daily, keep_weekly, keep_monthly)
+    if job:
+        spec = load_job(job, jobs_file)
+        if spec.retention is None:
+            raise UsageError(f"job {job!r} has no [job.{job}.retention] table")
+        policy, volume, repo = spec.retention, spec.backup.volumes, spec.repo or repo
     with open_repository(repo) as r, r.lock(exclusive=not dry_run):
-        result = repo_prune(r, policy, dry_run)
+        result = repo_prune(r, policy, dry_run, volumes=volume or None)
     if json_out:
         emit_json(
             {

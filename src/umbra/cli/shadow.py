@@ -7,8 +7,8 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from umbra.cli.backup import build_writers
 from umbra.cli.common import JsonOption, emit_json, stdout
+from umbra.engine.jobs import build_writers
 from umbra.providers import registry
 
 

@@ -65,14 +65,16 @@ def _chosen(index: Index, blob_id: bytes) -> tuple[str, int] | None:
     return None if loc is None else (loc.pack_id, loc.offset)
 
 
-def prune(repo: Repository, policy: Policy, dry_run: bool = False, hook: Hook | None = None) -> PruneResult:
+def prune(
+    repo: Repository, policy: Policy, dry_run: bool = False, hook: Hook | None = None, volumes: list[str] | None = None
+) -> PruneResult:
     """Forget points by ``policy`` and free their space.  The caller holds the exclusive lock.
 
     ``hook`` is called with the name of each step (tests use it to crash or interleave).
     """
     step = hook or (lambda _: None)
     repo.invalidate_index()
-    keep, forget = apply(repo.list_points(), policy)
+    keep, forget = apply(repo.list_points(), policy, volumes)
     result = PruneResult(keep, forget, dry_run=dry_run)
     if dry_run:
         return result

@@ -35,17 +35,18 @@ _BUCKETS: list[tuple[str, Callable[[datetime], tuple[int, ...]]]] = [
 ]
 
 
-def apply(points: list[Point], policy: Policy) -> tuple[list[Point], list[Point]]:
-    """Returns (keep, forget), each sorted oldest first.
+def apply(points: list[Point], policy: Policy, volumes: list[str] | None = None) -> tuple[list[Point], list[Point]]:
+    """Returns (keep, forget), each sorted oldest first.  With ``volumes``, the policy applies to
+    those volumes only and every point of any other volume is kept.
 
     Raises:
         UsageError: an empty policy (it would forget everything).
     """
     if policy.empty():
         raise UsageError("give at least one --keep-* option (an empty policy would remove every point)")
-    keep_ids: set[str] = set()
-    volumes = sorted({p.volume for p in points})
-    for volume in volumes:
+    keep_ids: set[str] = {p.id for p in points if volumes is not None and p.volume not in volumes}
+    present = {p.volume for p in points}
+    for volume in sorted(present if volumes is None else present & set(volumes)):
         newest_first = sorted((p for p in points if p.volume == volume), key=lambda p: (p.time, p.id), reverse=True)
         keep_ids.update(p.id for p in newest_first[: policy.keep_last])
         for attr, bucket in _BUCKETS:
