@@ -15,10 +15,10 @@ MiB = 1 << 20
 
 
 @contextmanager
-def xfs_host(tmp_path: Path) -> Iterator[Path]:
+def xfs_host(tmp_path: Path, size: int = 400 * MiB) -> Iterator[Path]:
     img = tmp_path / "host-xfs.img"
     with open(img, "wb") as f:
-        f.truncate(400 * MiB)
+        f.truncate(size)
     subprocess.run(["mkfs.xfs", "-q", "-f", str(img)], check=True, capture_output=True)
     with loop_device(img) as dev, mounted(dev, tmp_path / "host", "rw") as mnt:
         yield mnt

@@ -31,6 +31,9 @@ def backup(
     post_snapshot: Annotated[str | None, typer.Option(help="Command run right after the snapshot.")] = None,
     post_backup: Annotated[str | None, typer.Option(help="Command run after the backup, with its status.")] = None,
     sqlite: Annotated[list[str] | None, typer.Option(help="SQLite database to make consistent (repeatable).")] = None,
+    postgres: Annotated[
+        list[str] | None, typer.Option(help="PostgreSQL server to checkpoint (libpq connection string; repeatable).")
+    ] = None,
     provider: Annotated[list[str] | None, typer.Option(help="Provider(s) to use, in order of preference.")] = None,
     freeze_timeout: Annotated[float, typer.Option(help="Limit for writers to freeze, seconds.")] = 60.0,
     commit_timeout: Annotated[float, typer.Option(help="Limit for the snapshot commit, seconds.")] = 10.0,
@@ -61,7 +64,7 @@ def backup(
         quiet_timeout=quiet_timeout,
     )
     opts = backup_set.SetBackupOptions(sources, volume, type_, tag or [], all_blocks, set_opts)
-    _run_and_report(repo, opts, build_writers(pre_snapshot, post_snapshot, post_backup, sqlite), json_out)
+    _run_and_report(repo, opts, build_writers(pre_snapshot, post_snapshot, post_backup, sqlite, postgres), json_out)
 
 
 def _run_and_report(repo: str | None, opts: backup_set.SetBackupOptions, writers: list[Writer], json_out: bool) -> None:

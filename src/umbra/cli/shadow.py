@@ -29,10 +29,11 @@ def writers(
     post_snapshot: Annotated[str | None, typer.Option(help="Script writer: post-snapshot command.")] = None,
     post_backup: Annotated[str | None, typer.Option(help="Script writer: post-backup command.")] = None,
     sqlite: Annotated[list[str] | None, typer.Option(help="SQLite database (repeatable).")] = None,
+    postgres: Annotated[list[str] | None, typer.Option(help="PostgreSQL connection string (repeatable).")] = None,
     json_out: JsonOption = False,
 ) -> None:
     """Print the metadata document of each writer a backup with these options would use."""
-    docs = [w.metadata() for w in build_writers(pre_snapshot, post_snapshot, post_backup, sqlite)]
+    docs = [w.metadata() for w in build_writers(pre_snapshot, post_snapshot, post_backup, sqlite, postgres)]
     if json_out:
         emit_json(docs)
         return

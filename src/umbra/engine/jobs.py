@@ -16,6 +16,7 @@ from umbra.engine.backup_set import SetBackupOptions
 from umbra.errors import UsageError
 from umbra.repo.retention import Policy
 from umbra.writers.base import Writer
+from umbra.writers.postgres import PostgresWriter
 from umbra.writers.script import ScriptWriter
 from umbra.writers.sqlite import SQLiteWriter
 
@@ -47,19 +48,25 @@ class Job:
     post_backup: str | None = None
     sqlite: list[str] = field(default_factory=list)
     retention: Policy | None = None
+    postgres: list[str] = field(default_factory=list)
 
     def writers(self) -> list[Writer]:
-        return build_writers(self.pre_snapshot, self.post_snapshot, self.post_backup, self.sqlite)
+        return build_writers(self.pre_snapshot, self.post_snapshot, self.post_backup, self.sqlite, self.postgres)
 
 
 def build_writers(
-    pre_snapshot: str | None, post_snapshot: str | None, post_backup: str | None, sqlite: list[str] | None
+    pre_snapshot: str | None,
+    post_snapshot: str | None,
+    post_backup: str | None,
+    sqlite: list[str] | None,
+    postgres: list[str] | None = None,
 ) -> list[Writer]:
     writers: list[Writer] = []
     if pre_snapshot or post_snapshot or post_backup:
         writers.append(ScriptWriter(pre_snapshot, post_snapshot, post_backup))
     if sqlite:
         writers.append(SQLiteWriter(sqlite))
+    writers += [PostgresWriter(conninfo) for conninfo in postgres or []]
     return writers
 
 
