@@ -418,3 +418,57 @@ def test_write_inactivity_detection(repo: Repository, host: Path, tmp_path: Path
         assert wait["duration_s"] >= 3 and "no quiet window" in wait["error"]
     else:
         assert wait["duration_s"] < 3 and not wait["error"]
+
+
+LOCKSTEP = """
+import os, sys
+a, b, stop = sys.argv[1:4]
+fa, fb = os.open(a, os.O_WRONLY), os.open(b, os.O_WRONLY)
+n = 0
+while not os.path.exists(stop):
+    n += 1
+    os.pwrite(fa, b"%020d" % n, 0)  # invariant at any instant: a == b or a == b + 1
+    os.pwrite(fb, b"%020d" % n, 0)
+"""
+
+
+def test_btrfs_subvolume_snapshot_shared_by_the_set(repo: Repository, tmp_path: Path) -> None:
+    requires("loop", "mkfs.btrfs")
+    img = tmp_path / "btrfs.img"
+    with open(img, "wb") as f:
+        f.truncate(300 << 20)
+    subprocess.run(["mkfs.btrfs", "-q", "-f", str(img)], check=True, capture_output=True)
+    with loop_device(img) as dev, mounted(dev, tmp_path / "b", "rw") as mnt:
+        subprocess.run(["btrfs", "subvolume", "create", str(mnt / "vms")], check=True, capture_output=True)
+        a, b = mnt / "vms" / "a.img", mnt / "vms" / "b.img"
+        a.write_bytes(bytes(1 << 20))
+        b.write_bytes(bytes(1 << 20))
+        stop = tmp_path / "stop"
+        worker = subprocess.Popen([sys.executable, "-c", LOCKSTEP, str(a), str(b), str(stop)])
+        try:
+            time.sleep(0.3)
+            pause = ScriptWriter(f"kill -STOP {worker.pid}", f"kill -CONT {worker.pid}")  # the application's freeze
+            sets = []
+            for _ in range(5):
+                opts = backup_set.SetBackupOptions(
+                    [str(a), str(b)], ["a", "b"], set_options=SetOptions(providers=["btrfs"])
+                )
+                sets.append(backup_set.run(repo, opts, [pause]))
+            assert worker.poll() is None, "the workload ran on between the sets"
+        finally:
+            stop.touch()
+            worker.wait()
+        assert not list((mnt / "vms").glob(".umbra-snapshot-*")), "the shared snapshot was deleted once"
+    for ra, rb in sets:
+        assert ra.point.set_id == rb.point.set_id and ra.point.provider == "btrfs"
+        assert ra.point.consistency == "application-consistent"
+        va = int(restored_bytes(repo, ra.point.id, tmp_path)[:20])
+        vb = int(restored_bytes(repo, rb.point.id, tmp_path)[:20])
+        assert va - vb in (0, 1), f"a={va} b={vb}: not one instant"
+
+
+def restored_bytes(repo: Repository, point_id: str, tmp_path: Path) -> bytes:
+    out = tmp_path / "r.bin"
+    out.unlink(missing_ok=True)
+    restore.run(repo, repo.load_point(point_id), str(out))
+    return out.read_bytes()

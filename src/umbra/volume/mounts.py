@@ -63,10 +63,15 @@ def mounts_of_device(device: str) -> list[Mount]:
 
 
 def filesystem_of(path: str) -> Mount | None:
-    """The mount that holds ``path`` (a file or directory)."""
-    dev = os.stat(path).st_dev
-    found = [m for m in mounts() if m.dev == dev]
-    return found[-1] if found else None
+    """The mount that holds ``path`` (a file or directory): the longest mount point above its real
+    path.  (Not by st_dev: files in btrfs subvolumes report a device number of their own.)"""
+    real = os.path.realpath(path)
+    best: Mount | None = None
+    for m in mounts():  # later entries over-mount earlier ones at the same point
+        inside = real == m.mountpoint or real.startswith(m.mountpoint.rstrip("/") + "/")
+        if inside and (best is None or len(m.mountpoint) >= len(best.mountpoint)):
+            best = m
+    return best
 
 
 def loop_backing_file(device: str) -> str | None:
