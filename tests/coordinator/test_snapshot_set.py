@@ -472,3 +472,34 @@ def restored_bytes(repo: Repository, point_id: str, tmp_path: Path) -> bytes:
     out.unlink(missing_ok=True)
     restore.run(repo, repo.load_point(point_id), str(out))
     return out.read_bytes()
+
+
+class NeverThaws(NeverFreezes):
+    def freeze(self, ctx: SetContext) -> None:
+        return None
+
+    def thaw(self, ctx: SetContext) -> None:
+        time.sleep(3600)
+
+
+def test_writer_that_never_thaws_is_a_clear_error(repo: Repository, host: Path, tmp_path: Path) -> None:
+    other = script(tmp_path)
+    with ext4_volumes(host, tmp_path, ["data"]) as mnts:
+        with pytest.raises(CoordinatorTimeout, match="thaw-writers"):
+            backup_set.run(repo, backup_opts(mnts, freeze_timeout=1.0), [other, NeverThaws()])
+        assert not is_frozen(mnts["data"])
+    assert repo.point_ids() == [] and not list(host.glob(".umbra-snapshot-*"))
+    phases = [e["phase"] for e in read_log(tmp_path)]
+    assert phases == ["pre", "post-snapshot", "post-backup"], "the other writer was still thawed and told"
+
+
+def test_components_document_and_providers_listing(repo: Repository, host: Path, tmp_path: Path) -> None:
+    with ext4_volumes(host, tmp_path, ["data"]) as mnts:
+        db = mnts["data"] / "x.db"
+        sqlite3.connect(db).execute("create table t(x)").connection.commit()
+        (res,) = backup_set.run(repo, backup_opts(mnts), [SQLiteWriter([str(db)])])
+    comp = res.point.components
+    assert comp["set_id"] == res.point.set_id and comp["volumes"][0]["provider"] == "reflink"
+    assert comp["writers"][0]["components"][0]["name"] == str(db)
+    names = {s.name: s for s in registry.statuses()}
+    assert {"reflink", "btrfs", "direct", "fsfreeze"} <= set(names) and names["fsfreeze"].available

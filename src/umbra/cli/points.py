@@ -32,13 +32,14 @@ def list_points(
 
 
 def _print_points(points: list[Point]) -> None:
-    table = Table("id", "volume", "time", "type", "size", "new", "tags")
+    table = Table("id", "volume", "time", "type", "consistency", "size", "new", "tags")
     for p in points:
         table.add_row(
             p.short_id,
             p.volume,
             f"{p.time.astimezone():%Y-%m-%d %H:%M:%S.%f}"[:-3],
             p.type,
+            p.consistency or "-",
             human_bytes(p.size),
             human_bytes(p.stats.get("bytes_new", 0)),
             ",".join(p.tags),

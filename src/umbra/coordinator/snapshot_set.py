@@ -203,8 +203,10 @@ class SnapshotSet:
                     self._frozen_writers.append(w)
                 return
             except WriterVeto as veto:
-                self._thaw_writers()
-                self._frozen_writers, self._thawed = [], []
+                try:
+                    self._thaw_writers()
+                finally:
+                    self._frozen_writers, self._thawed = [], []
                 if not veto.retryable or attempt == self.opts.writer_retries:
                     raise
                 log.warning("%s; retrying (%d/%d)", veto, attempt + 1, self.opts.writer_retries)
@@ -257,12 +259,32 @@ class SnapshotSet:
                 raise UsageError(f"--exclude-file {path}: not a file on a mounted filesystem of this set")
 
     def _thaw_writers(self) -> None:
+        """Thaw every frozen writer (each gets its turn even if another fails); then raise the
+        first failure, e.g. a writer that never thaws (CoordinatorTimeout)."""
+        failures: list[Exception] = []
         for w in reversed(self._frozen_writers):
             try:
                 _with_limit(lambda w=w: w.thaw(self.ctx), self.opts.freeze_timeout, "thaw-writers")  # type: ignore[misc]
             except Exception as exc:  # noqa: BLE001 - every writer must get its thaw
-                log.error("writer %s did not thaw cleanly: %s", w.name, exc)
+                log.error("writer %s did not thaw: %s", w.name, exc)
+                failures.append(exc)
         self._thawed = list(self._frozen_writers)
+        if failures:
+            raise failures[0]
+
+    def backup_components(self) -> dict[str, Any]:
+        """The backup components document: what this set selected, for the points' manifests."""
+        return {
+            "set_id": self.set_id,
+            "volumes": [
+                {"source": v.source, "device": v.device, "provider": p.name}
+                for v, p in zip(self.volumes, self.providers, strict=False)
+            ],
+            "writers": [
+                {"writer": m.get("writer"), "components": m.get("components", [])} for m in self.writer_metadata
+            ],
+            "excluded_files": list(self.opts.exclude_files),
+        }
 
     def _check_held(self) -> None:
         self._held = all(w.held() for w in self._frozen_writers)
@@ -283,7 +305,10 @@ class SnapshotSet:
         if frozen and not self._thawed:
             for w in frozen:
                 w.snapshot_failed(self.ctx)
-            self._thaw_writers()
+            try:
+                self._thaw_writers()
+            except Exception as exc:  # noqa: BLE001 - already failing; the first error is the one raised
+                log.error("while undoing the set: %s", exc)
         for w in frozen:
             w.backup_complete(self.ctx)
         self._frozen_writers = []

@@ -48,6 +48,7 @@ def run(
                 "provider": snap.provider,
                 "phases": [p.to_dict() for p in snapshot_set.phases],
                 "writers": snapshot_set.writer_metadata,
+                "components": snapshot_set.backup_components(),
             }
             bopts = backup.BackupOptions(
                 snap.path,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 from umbra.errors import ProviderError, UsageError
@@ -24,10 +25,21 @@ class ProviderStatus:
 
 
 def statuses() -> list[ProviderStatus]:
+    """Every provider in priority order, then the flush-and-hold step that applies to all of them."""
     out = []
     for cls in sorted(PROVIDERS, key=lambda c: c.kind):
         reason = cls.unavailable()
         out.append(ProviderStatus(cls.name, cls.kind.name.lower(), cls.description, reason is None, reason))
+    freeze_reason = None if os.geteuid() == 0 else "FIFREEZE needs root (CAP_SYS_ADMIN)"
+    out.append(
+        ProviderStatus(
+            "fsfreeze",
+            "step",
+            "flush and hold (FIFREEZE/FITHAW) of every mounted filesystem of a set, around the commit",
+            freeze_reason is None,
+            freeze_reason,
+        )
+    )
     return out
 
 

@@ -52,6 +52,7 @@ class Point:
     provider: str = ""
     phases: list[dict[str, Any]] = field(default_factory=list)
     writers: list[dict[str, Any]] = field(default_factory=list)
+    components: dict[str, Any] = field(default_factory=dict)  # the backup components document
 
     @property
     def nblocks(self) -> int:
