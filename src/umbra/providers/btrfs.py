@@ -16,8 +16,9 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from umbra.errors import ProviderError
-from umbra.providers.base import Kind, Provider, Snapshot
-from umbra.volume.mounts import VolumeInfo, filesystem_of
+from umbra.providers.base import Kind, Snapshot
+from umbra.providers.imagefile import ImageFileProvider, image_file
+from umbra.volume.mounts import VolumeInfo
 
 SUBVOLUME_ROOT_INODE = 256  # BTRFS_FIRST_FREE_OBJECTID: every subvolume's top directory
 
@@ -42,14 +43,11 @@ class _Shared:
     users: int = 0
 
 
-def _image_file(volume: VolumeInfo) -> str | None:
-    return volume.backing_file if volume.is_block_device else volume.device
-
-
-class BtrfsProvider(Provider):
+class BtrfsProvider(ImageFileProvider):
     name = "btrfs"
     kind = Kind.SOFTWARE
     description = "read-only snapshot of the btrfs subvolume holding image files (one per subvolume per set)"
+    filesystems = ("btrfs",)
     # (set id, subvolume root) -> its snapshot; shared by the provider instances of a set
     _shared: ClassVar[dict[tuple[str, str], _Shared]] = {}
 
@@ -60,20 +58,6 @@ class BtrfsProvider(Provider):
     def unavailable(cls) -> str | None:
         return None if shutil.which("btrfs") else "the btrfs command (btrfs-progs) is not installed"
 
-    def probe(self, volume: VolumeInfo) -> str | None:
-        image = _image_file(volume)
-        if image is None:
-            return "not an image file or a loop device backed by one"
-        fs = filesystem_of(image)
-        if fs is None or fs.fstype != "btrfs":
-            return f"{image} is not on btrfs"
-        return None
-
-    def writes_to(self, volume: VolumeInfo) -> str | None:
-        image = _image_file(volume)
-        fs = filesystem_of(image) if image else None
-        return fs.mountpoint if fs else None
-
     def prepare(self, volume: VolumeInfo, set_id: str) -> None:
         self._set_id = set_id
 
@@ -83,7 +67,7 @@ class BtrfsProvider(Provider):
             raise ProviderError(provider=self.name, volume=volume.source, reason=proc.stderr.strip() or "btrfs failed")
 
     def commit(self, volume: VolumeInfo) -> Snapshot:
-        image = _image_file(volume)
+        image = image_file(volume)
         assert image is not None
         root = subvolume_root(image)
         key = (self._set_id, root)

@@ -8,41 +8,25 @@ import fcntl
 import os
 
 from umbra.errors import ProviderError
-from umbra.providers.base import Kind, Provider, Snapshot
-from umbra.volume.mounts import VolumeInfo, filesystem_of
+from umbra.providers.base import Kind, Snapshot
+from umbra.providers.imagefile import ImageFileProvider, image_file
+from umbra.volume.mounts import VolumeInfo
 
 FICLONE = 0x40049409
 REFLINK_FILESYSTEMS = ("xfs", "btrfs", "ocfs2", "bcachefs")
 
 
-def _image_file(volume: VolumeInfo) -> str | None:
-    return volume.backing_file if volume.is_block_device else volume.device
-
-
-class ReflinkProvider(Provider):
+class ReflinkProvider(ImageFileProvider):
     name = "reflink"
     kind = Kind.SOFTWARE
     description = "FICLONE of an image file (or a loop device's backing file) on XFS or btrfs"
+    filesystems = REFLINK_FILESYSTEMS
 
     def __init__(self) -> None:
         self._targets: dict[str, str] = {}
 
-    def probe(self, volume: VolumeInfo) -> str | None:
-        image = _image_file(volume)
-        if image is None:
-            return "not an image file or a loop device backed by one"
-        fs = filesystem_of(image)
-        if fs is None or fs.fstype not in REFLINK_FILESYSTEMS:
-            return f"{image} is on {fs.fstype if fs else 'an unknown filesystem'}, which cannot reflink"
-        return None
-
-    def writes_to(self, volume: VolumeInfo) -> str | None:
-        image = _image_file(volume)
-        fs = filesystem_of(image) if image else None
-        return fs.mountpoint if fs else None
-
     def prepare(self, volume: VolumeInfo, set_id: str) -> None:
-        image = _image_file(volume)
+        image = image_file(volume)
         assert image is not None
         target = os.path.join(os.path.dirname(image), f".umbra-snapshot-{set_id[:12]}-{os.path.basename(image)}")
         try:
@@ -55,7 +39,7 @@ class ReflinkProvider(Provider):
         self._targets[volume.source] = target
 
     def commit(self, volume: VolumeInfo) -> Snapshot:
-        image, target = _image_file(volume), self._targets[volume.source]
+        image, target = image_file(volume), self._targets[volume.source]
         assert image is not None
         try:
             with open(image, "rb") as src, open(target, "r+b") as dst:
