@@ -89,10 +89,9 @@ def _read_run(source: FileSource, run: list[tuple[int, list[Extent] | None]], bl
 
 
 class _Pipeline:
-    def __init__(self, repo: Repository, writer: BlobWriter, workers: int) -> None:
+    def __init__(self, repo: Repository, writer: BlobWriter) -> None:
         self.repo = repo
         self.writer = writer
-        self.workers = workers
         self.zero = bytes(repo.config.block_size)
 
     def process(self, batch: Batch) -> Processed:
@@ -234,7 +233,7 @@ def _pump(
     counts: dict[str, int],
     progress: Progress,
 ) -> None:
-    pipeline = _Pipeline(repo, writer, workers)
+    pipeline = _Pipeline(repo, writer)
     batches: queue.Queue[Any] = queue.Queue(maxsize=workers * 2)
     stop = threading.Event()
     reader = threading.Thread(

@@ -14,7 +14,7 @@ from umbra.repo.tree import TreeReader
 
 
 def tree_reader(repo: Repository, point: Point) -> TreeReader:
-    return TreeReader(repo.load_tree_node, bytes.fromhex(point.root), point.height, point.fanout, point.nblocks)
+    return repo.tree_reader(point)
 
 
 def changed_blocks(repo: Repository, old: Point | None, new: Point) -> Iterator[int]:

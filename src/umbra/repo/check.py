@@ -19,7 +19,6 @@ from umbra.repo.format import PACK_FOOTER, ZERO_ID
 from umbra.repo.index import Index, decode_index
 from umbra.repo.pack import PackEntry, pack_name, parse_trailer
 from umbra.repo.repository import Repository
-from umbra.repo.tree import TreeReader
 
 Report = Callable[[str], None]
 
@@ -83,8 +82,7 @@ def _check_packs(repo: Repository, packs: dict[str, list[PackEntry]], res: Check
         res.packs += 1
 
 
-def _check_points(repo: Repository, index: Index, res: CheckResult) -> set[bytes]:
-    referenced: set[bytes] = set()
+def _check_points(repo: Repository, index: Index, res: CheckResult) -> None:
     repo._index = index
     for pid in repo.point_ids():
         try:
@@ -94,19 +92,17 @@ def _check_points(repo: Repository, index: Index, res: CheckResult) -> set[bytes
             continue
         res.points += 1
         missing = 0
-        reader = TreeReader(repo.load_tree_node, bytes.fromhex(point.root), point.height, point.fanout, point.nblocks)
+        reader = repo.tree_reader(point)
         try:
             for _, bid in reader.blocks():
                 if bid not in index:
                     if missing == 0:
                         res.errors.append(f"point {pid}: block {bid.hex()[:16]} is referenced but not stored")
                     missing += 1
-                referenced.add(bid)
         except RepositoryError as exc:
             res.errors.append(f"point {pid} ({point.volume}): {exc}")
         if missing > 1:
             res.errors.append(f"point {pid}: {missing} blocks in all are referenced but not stored")
-    return referenced
 
 
 def _read_data(repo: Repository, packs: dict[str, list[PackEntry]], res: CheckResult, report: Report) -> None:

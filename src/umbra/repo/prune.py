@@ -25,7 +25,6 @@ from umbra.repo.manifest import Point
 from umbra.repo.pack import PackEntry, pack_name
 from umbra.repo.repository import Repository
 from umbra.repo.retention import Policy, apply
-from umbra.repo.tree import TreeReader
 from umbra.repo.writer import BlobWriter
 
 REPACK_DEAD_FRACTION = 0.2
@@ -46,9 +45,7 @@ class PruneResult:
 def live_blobs(repo: Repository, points: list[Point]) -> set[bytes]:
     live: set[bytes] = set()
     for p in points:
-        reader = TreeReader(
-            lambda nid: _mark_node(repo, live, nid), bytes.fromhex(p.root), p.height, p.fanout, p.nblocks
-        )
+        reader = repo.tree_reader(p, lambda nid: _mark_node(repo, live, nid))
         for _, bid in reader.blocks():
             live.add(bid)
     live.discard(ZERO_ID)

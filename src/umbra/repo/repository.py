@@ -48,6 +48,7 @@ from umbra.repo.locks import Lock
 from umbra.repo.manifest import Point, open_point, seal_point
 from umbra.repo.pack import pack_name
 from umbra.repo.pointref import PointRef, parse_point_ref
+from umbra.repo.tree import LoadNode, TreeReader
 
 ENCRYPTION_MODES = ("aes-256-gcm", "none")
 log = logging.getLogger(__name__)
@@ -240,6 +241,12 @@ class Repository:
 
     def load_tree_node(self, node_id: bytes) -> bytes:
         return self.load_blob(BlobType.TREE, node_id)
+
+    def tree_reader(self, point: Point, load_node: LoadNode | None = None) -> TreeReader:
+        """A reader of ``point``'s volume tree (``load_node`` overrides how nodes are loaded)."""
+        return TreeReader(
+            load_node or self.load_tree_node, bytes.fromhex(point.root), point.height, point.fanout, point.nblocks
+        )
 
     # --- points ------------------------------------------------------------------------------
 
