@@ -219,6 +219,47 @@ class SnapshotSetFailed(UmbraError):
     exit_code = 43
 
 
+# --- protected volumes -----------------------------------------------------------------------
+
+
+class ProtectError(UmbraError):
+    """protected volume {volume}: {reason}"""
+
+    exit_code = 50
+
+
+class VolumeBusy(SourceError):
+    """{path} is busy: {reason}"""
+
+    exit_code = 51
+    errno = errno_mod.EBUSY
+
+
+class DifferenceStoreFull(ProtectError):
+    """difference store full ({used} of {limit} bytes)"""
+
+    exit_code = 52
+    errno = errno_mod.ENOSPC
+
+
+class SnapshotFailed(ProtectError):
+    """snapshot {name} of {volume} failed: {reason}"""
+
+    exit_code = 53
+
+
+class JournalCorrupt(ProtectError):
+    """journal {path} is damaged at offset {offset}: {reason}"""
+
+    exit_code = 54
+
+
+class DaemonUnavailable(ProtectError):
+    """volume {volume} is not being protected (nothing answers at {socket}); start `umbra protect`"""
+
+    exit_code = 55
+
+
 def all_error_classes() -> list[type[UmbraError]]:
     """Every UmbraError subclass, depth first, the base included."""
     out: list[type[UmbraError]] = []

@@ -1,0 +1,1 @@
+"""Copy-on-write snapshots, changed-block tracking and the CDP journal of protected volumes."""

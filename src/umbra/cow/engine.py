@@ -1,0 +1,326 @@
+"""The copy-on-write engine: a volume that keeps snapshots of itself while it is written.
+
+Every write goes through :meth:`CowVolume.write` (or ``zero``): before the first overwrite of a
+chunk after a snapshot, the chunk's old contents go to the :class:`DifferenceStore`, shared by
+every snapshot that still protects that chunk.  A snapshot reads its copies where they exist and
+the live volume elsewhere; chunks it does not protect (unused by the filesystem when the snapshot
+was taken, or released after a backup read them) read as zeros.
+
+Concurrency: any number of threads may read and write.  Metadata changes happen under one lock;
+data moves outside it.  Creating a snapshot raises a barrier: new writes wait and writes in flight
+drain, so a snapshot is one instant.  A snapshot read checks for a copy again after reading the
+live volume, because a write may have preserved and overwritten the chunk in between.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from umbra.cow.bitmap import Bitmap
+from umbra.cow.store import DifferenceStore
+from umbra.cow.tracking import ChangeTracker
+from umbra.errors import DifferenceStoreFull, SnapshotFailed, UsageError
+from umbra.volume.backing import Backing
+from umbra.volume.extents import Extent
+
+MIN_CHUNK = 512
+SNAPSHOT_NAME_CHARS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._-")
+
+
+class WriteLog(Protocol):
+    """What the engine needs of a journal (see :mod:`umbra.cow.journal`)."""
+
+    def append_write(self, offset: int, data: bytes | memoryview) -> int: ...
+    def append_zero(self, offset: int, length: int) -> int: ...
+    def append_mark(self, kind: str, name: str) -> int: ...
+    def commit(self) -> None: ...
+
+
+@dataclass
+class _Snap:
+    name: str
+    created_ns: int
+    protected: Bitmap  # chunks whose original is still needed and not yet copied
+    copies: dict[int, int] = field(default_factory=dict)  # chunk -> difference store slot
+    generation: str | None = None
+    changed_since: dict[str, Bitmap] = field(default_factory=dict)  # frozen tracking bitmaps
+    failed: str | None = None
+
+
+@dataclass
+class SnapshotInfo:
+    name: str
+    created_ns: int
+    generation: str | None
+    protected_chunks: int
+    copied_chunks: int
+    failed: str | None
+
+
+class CowVolume:
+    def __init__(
+        self,
+        backing: Backing,
+        store: DifferenceStore,
+        chunk_size: int = 64 * 1024,
+        tracker: ChangeTracker | None = None,
+        journal: WriteLog | None = None,
+        name: str = "volume",
+    ) -> None:
+        if chunk_size < MIN_CHUNK or chunk_size & (chunk_size - 1):
+            raise UsageError(f"chunk size must be a power of two of at least {MIN_CHUNK} bytes")
+        self.backing = backing
+        self.store = store
+        self.chunk_size = chunk_size
+        self.size = backing.size
+        self.nchunks = -(-self.size // chunk_size)
+        self.tracker = tracker
+        self.journal = journal
+        self.name = name
+        self._cond = threading.Condition()
+        self._snaps: dict[str, _Snap] = {}
+        self._inflight = 0
+        self._barrier = 0
+        self.writes = 0
+        self.bytes_written = 0
+
+    # --- live volume -------------------------------------------------------------------------
+
+    def read(self, offset: int, length: int) -> bytes:
+        self._check_range(offset, length)
+        return self.backing.pread(length, offset)
+
+    def write(self, offset: int, data: bytes | memoryview, fua: bool = False) -> None:
+        self._check_range(offset, len(data))
+        if not len(data):
+            return
+        self._begin_write(offset, len(data), data)
+        try:
+            self.backing.pwrite(data, offset)
+        finally:
+            self._end_write()
+        if fua:
+            self.flush()
+
+    def zero(self, offset: int, length: int, fua: bool = False) -> None:
+        """Write zeros (NBD WRITE_ZEROES and TRIM both land here: trimmed ranges read as zeros)."""
+        self._check_range(offset, length)
+        if not length:
+            return
+        self._begin_write(offset, length, None)
+        try:
+            self.backing.zero(offset, length)
+        finally:
+            self._end_write()
+        if fua:
+            self.flush()
+
+    def flush(self) -> None:
+        """Make every acknowledged write durable: journal first, then the volume."""
+        if self.journal is not None:
+            self.journal.commit()
+        self.backing.flush()
+
+    def _begin_write(self, offset: int, length: int, data: bytes | memoryview | None) -> None:
+        first, end = offset // self.chunk_size, (offset + length - 1) // self.chunk_size + 1
+        with self._cond:
+            while self._barrier:
+                self._cond.wait()
+            self._preserve(first, end)
+            if self.tracker is not None:
+                self.tracker.mark(first, end)
+            if self.journal is not None:
+                if data is None:
+                    self.journal.append_zero(offset, length)
+                else:
+                    self.journal.append_write(offset, data)
+            self._inflight += 1
+            self.writes += 1
+            self.bytes_written += length
+
+    def _end_write(self) -> None:
+        with self._cond:
+            self._inflight -= 1
+            if not self._inflight:
+                self._cond.notify_all()
+
+    def _preserve(self, first: int, end: int) -> None:
+        live = [s for s in self._snaps.values() if s.failed is None]
+        if not live:
+            return
+        for c in range(first, end):
+            needers = [s for s in live if s.failed is None and s.protected.test(c)]
+            if not needers:
+                continue
+            old = self.backing.pread(self._chunk_len(c), c * self.chunk_size)
+            try:
+                slot = self.store.put(old, len(needers))
+            except DifferenceStoreFull as exc:
+                for s in needers:
+                    self._fail(s, f"{exc} while preserving chunk {c}; the snapshot was dropped, writes go on")
+                continue
+            for s in needers:
+                s.copies[c] = slot
+                s.protected.clear(c)
+
+    def _fail(self, snap: _Snap, reason: str) -> None:
+        snap.failed = reason
+        for slot in snap.copies.values():
+            self.store.unref(slot)
+        snap.copies.clear()
+        snap.protected = Bitmap(0)
+
+    # --- snapshots ---------------------------------------------------------------------------
+
+    def create_snapshot(self, name: str, used: list[Extent] | None = None) -> SnapshotInfo:
+        """Take a snapshot at this instant.  ``used``: byte extents worth protecting (None: all)."""
+        if not name or set(name) - SNAPSHOT_NAME_CHARS or len(name) > 64:
+            raise UsageError(f"invalid snapshot name {name!r} (letters, digits, '.', '_', '-')")
+        with self._cond:
+            if name in self._snaps:
+                raise UsageError(f"snapshot {name!r} of {self.name} exists")
+            self._barrier += 1
+            try:
+                while self._inflight:
+                    self._cond.wait()
+                protected = Bitmap(self.nchunks, fill=used is None)
+                for start, end in used or []:
+                    protected.set_range(start // self.chunk_size, -(-end // self.chunk_size))
+                generation, frozen = self.tracker.start_generation() if self.tracker else (None, {})
+                created = self.journal.append_mark("snapshot", name) if self.journal else time.time_ns()
+                snap = _Snap(name, created, protected, generation=generation, changed_since=frozen)
+                self._snaps[name] = snap
+                return self._info(snap)
+            finally:
+                self._barrier -= 1
+                self._cond.notify_all()
+
+    def delete_snapshot(self, name: str) -> None:
+        with self._cond:
+            snap = self._snaps.pop(name, None)
+            if snap is None:
+                raise UsageError(f"no snapshot {name!r} of {self.name}")
+            for slot in snap.copies.values():
+                self.store.unref(slot)
+            snap.copies.clear()
+            snap.failed = "deleted"
+            if self.journal is not None:
+                self.journal.append_mark("snapshot-deleted", name)
+
+    def snapshots(self) -> list[SnapshotInfo]:
+        with self._cond:
+            return [self._info(s) for s in self._snaps.values()]
+
+    def snapshot(self, name: str) -> SnapshotInfo:
+        with self._cond:
+            return self._info(self._get(name, allow_failed=True))
+
+    def changed_chunks(self, name: str, since_generation: str) -> Bitmap | None:
+        """Chunks written between the snapshot that started ``since_generation`` and ``name``, or
+        None if that is not known (tracking lost, or the generation is too old)."""
+        with self._cond:
+            return self._get(name).changed_since.get(since_generation)
+
+    def read_snapshot(self, name: str, offset: int, length: int) -> bytes:
+        self._check_range(offset, length)
+        out = bytearray(length)
+        for c, start, end in self._pieces(offset, length):
+            with self._cond:
+                snap = self._get(name)
+                slot = snap.copies.get(c)
+                protected = slot is None and snap.protected.test(c)
+            if slot is None and not protected:
+                continue  # not protected: reads as zeros
+            base = c * self.chunk_size
+            if slot is None:
+                data = self.backing.pread(end - start, start)
+                with self._cond:  # a write may have preserved and overwritten it meanwhile
+                    slot = self._get(name).copies.get(c)
+                if slot is None:
+                    out[start - offset : end - offset] = data
+                    continue
+            chunk = self._store_get(name, slot, self._chunk_len(c))
+            out[start - offset : end - offset] = chunk[start - base : end - base]
+        with self._cond:
+            self._get(name)  # failed while we read: the data may be torn
+        return bytes(out)
+
+    def _store_get(self, name: str, slot: int, length: int) -> bytes:
+        try:
+            return self.store.get(slot, length)
+        except KeyError:  # released or deleted while we read
+            with self._cond:
+                self._get(name)
+            raise SnapshotFailed(name=name, volume=self.name, reason="released while being read") from None
+
+    def release(self, name: str, offset: int, length: int) -> int:
+        """Stop protecting the chunks wholly inside the range (a backup has read them); returns
+        how many chunks were released.  They read as zeros afterwards."""
+        self._check_range(offset, length)
+        first = -(-offset // self.chunk_size)
+        end = (offset + length) // self.chunk_size
+        if offset + length == self.size:
+            end = self.nchunks
+        released = 0
+        with self._cond:
+            snap = self._get(name)
+            for c in range(first, end):
+                slot = snap.copies.pop(c, None)
+                if slot is not None:
+                    self.store.unref(slot)
+                    released += 1
+                elif snap.protected.test(c):
+                    snap.protected.clear(c)
+                    released += 1
+        return released
+
+    def snapshot_allocation(self, name: str, offset: int, length: int) -> Iterator[tuple[int, int, bool]]:
+        """(start, end, has_data) runs of a snapshot: unprotected chunks read as zeros."""
+        with self._cond:
+            snap = self._get(name)
+            run_start, run_data = offset, None
+            for c, start, _end in self._pieces(offset, length):
+                data = c in snap.copies or snap.protected.test(c)
+                if run_data is not None and data != run_data:
+                    yield run_start, start, run_data
+                    run_start = start
+                run_data = data
+            if run_data is not None:
+                yield run_start, offset + length, run_data
+
+    # --- helpers -----------------------------------------------------------------------------
+
+    def _get(self, name: str, allow_failed: bool = False) -> _Snap:
+        snap = self._snaps.get(name)
+        if snap is None:
+            raise SnapshotFailed(name=name, volume=self.name, reason="no such snapshot")
+        if snap.failed is not None and not allow_failed:
+            raise SnapshotFailed(name=name, volume=self.name, reason=snap.failed)
+        return snap
+
+    def _info(self, snap: _Snap) -> SnapshotInfo:
+        return SnapshotInfo(
+            snap.name, snap.created_ns, snap.generation, snap.protected.count(), len(snap.copies), snap.failed
+        )
+
+    def _chunk_len(self, c: int) -> int:
+        return min(self.chunk_size, self.size - c * self.chunk_size)
+
+    def _pieces(self, offset: int, length: int) -> Iterator[tuple[int, int, int]]:
+        pos, end = offset, offset + length
+        while pos < end:
+            c = pos // self.chunk_size
+            piece_end = min(end, (c + 1) * self.chunk_size)
+            yield c, pos, piece_end
+            pos = piece_end
+
+    def _check_range(self, offset: int, length: int) -> None:
+        if offset < 0 or length < 0 or offset + length > self.size:
+            raise UsageError(f"range {offset}+{length} is outside the volume ({self.size} bytes)")
+
+    def close(self) -> None:
+        self.store.close()

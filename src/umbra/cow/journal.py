@@ -1,0 +1,368 @@
+"""The CDP journal: every write of a protected volume with its timestamp, in append-only segments.
+
+Layout (``docs/FORMAT.md``, "CDP journal"): a directory of segment files ``seg-<first seq>.ucj``.
+Each segment starts with a header carrying a random 16-byte salt; each record is a fixed header,
+its data, and a 16-byte BLAKE3 checksum keyed by that salt over header and data.  Sequence numbers
+grow by one and timestamps never decrease (``time_ns`` forced monotonic), across segments.
+
+Durability: records are written (``writev``) before the write is acknowledged.  By default a
+background thread makes them durable every ``commit_interval`` seconds (group commit); ``commit``
+makes them durable at once (NBD FLUSH and FUA, and every write with ``--sync``).
+
+Recovery on open: every segment but the last must be intact.  In the last, the records are read
+up to the first one that does not check; if nothing valid follows, that is a torn tail (a write
+cut short by a crash) and it is cut off; if a valid record follows, the damage is in the middle
+and :class:`JournalCorrupt` is raised: history is never silently dropped.
+"""
+
+from __future__ import annotations
+
+import json
+import mmap
+import os
+import re
+import secrets
+import struct
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import blake3
+
+from umbra.errors import JournalCorrupt
+
+SEGMENT_MAGIC = b"UMBRAJNL"
+SEGMENT_VERSION = 1
+SEGMENT_HEADER = struct.Struct("<8sII16sQQQ")  # magic, version, reserved, salt, volume size, first seq, created ns
+RECORD_MAGIC = 0x55524543  # "CERU" little-endian on disk: b"CERU"
+RECORD_HEADER = struct.Struct("<IBBHQQQII")  # magic, kind, flags, reserved, seq, time ns, offset, length, data length
+DIGEST = 16
+SEGMENT_NAME = re.compile(r"^seg-(\d{16})\.ucj$")
+
+WRITE, ZERO, MARK = 1, 2, 3
+KINDS = {WRITE: "write", ZERO: "zero", MARK: "mark"}
+
+
+@dataclass
+class Record:
+    seq: int
+    time_ns: int
+    kind: int
+    offset: int
+    length: int
+    data: bytes
+
+    @property
+    def mark(self) -> dict[str, str]:
+        return dict(json.loads(self.data)) if self.kind == MARK else {}
+
+
+@dataclass
+class JournalStats:
+    segments: int
+    records: int
+    bytes: int
+    first_ns: int | None
+    last_ns: int | None
+    write_bytes: int
+    recovered_tail_bytes: int
+
+
+@dataclass
+class _Segment:
+    path: Path
+    first_seq: int
+    salt: bytes
+    records: int = 0
+    write_bytes: int = 0
+    first_ns: int | None = None
+
+
+class Journal:
+    def __init__(
+        self,
+        directory: Path,
+        volume_size: int,
+        sync: bool = False,
+        commit_interval: float = 0.05,
+        segment_bytes: int = 64 << 20,
+        max_bytes: int | None = None,
+    ) -> None:
+        self.directory = directory
+        self.volume_size = volume_size
+        self.sync = sync
+        self.commit_interval = commit_interval
+        self.segment_bytes = segment_bytes
+        self.max_bytes = max_bytes
+        self._lock = threading.Lock()  # appends
+        self._sync_lock = threading.Lock()  # fdatasync calls
+        self._segments: list[_Segment] = []
+        self._fd: int | None = None
+        self._key = b""
+        self._pos = 0
+        self._written = 0  # bytes appended (all segments), for group commit bookkeeping
+        self._durable = 0
+        self._next_seq = 1
+        self._last_ns = 0
+        self._stats = JournalStats(0, 0, 0, None, None, 0, 0)
+        self._stop = threading.Event()
+        self._committer: threading.Thread | None = None
+
+    # --- opening and recovery ----------------------------------------------------------------
+
+    @classmethod
+    def open(cls, directory: Path, volume_size: int, **options: object) -> Journal:
+        directory.mkdir(parents=True, exist_ok=True)
+        journal = cls(directory, volume_size, **options)  # type: ignore[arg-type]
+        journal._recover()
+        journal._start_segment()
+        if not journal.sync:
+            journal._committer = threading.Thread(target=journal._commit_loop, name="umbra-journal", daemon=True)
+            journal._committer.start()
+        return journal
+
+    def _recover(self) -> None:
+        names = sorted(p for p in self.directory.iterdir() if SEGMENT_NAME.match(p.name))
+        for i, path in enumerate(names):
+            last = i == len(names) - 1
+            seg, valid_end, size = self._scan(path, last)
+            if seg is None:
+                if last and size < SEGMENT_HEADER.size + 32:  # created but header never written out
+                    path.unlink()
+                    continue
+                raise JournalCorrupt(path=str(path), offset=0, reason="bad segment header")
+            if valid_end < size:
+                self._stats.recovered_tail_bytes += size - valid_end
+                os.truncate(path, valid_end)
+            if last and valid_end == SEGMENT_HEADER.size + 32:  # no records: the new segment replaces it
+                path.unlink()
+                continue
+            self._segments.append(seg)
+            self._stats.bytes += valid_end
+
+    def _scan(self, path: Path, last: bool) -> tuple[_Segment | None, int, int]:
+        size = path.stat().st_size
+        if size < SEGMENT_HEADER.size + 32:
+            return None, 0, size
+        with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
+            seg = self._parse_header(path, m)
+            if seg is None:
+                return None, 0, size
+            key = _key(seg.salt)
+            pos = SEGMENT_HEADER.size + 32
+            expected = seg.first_seq
+            while pos < size:
+                rec_end = _check_record(m, pos, key)
+                if rec_end is None:
+                    break
+                rec = _parse(m, pos)
+                if rec.seq != expected or rec.time_ns < self._last_ns:
+                    raise JournalCorrupt(path=str(path), offset=pos, reason="records out of order")
+                self._account(seg, rec)
+                expected += 1
+                pos = rec_end
+            if pos < size:
+                if not last:
+                    raise JournalCorrupt(path=str(path), offset=pos, reason="damaged record in a sealed segment")
+                following = _find_valid_after(m, pos + 1, key)
+                if following is not None:
+                    raise JournalCorrupt(
+                        path=str(path),
+                        offset=pos,
+                        reason=f"damaged record followed by valid records (at {following}); not truncating",
+                    )
+            return seg, pos, size
+
+    def _parse_header(self, path: Path, m: mmap.mmap) -> _Segment | None:
+        raw = m[: SEGMENT_HEADER.size]
+        if blake3.blake3(raw).digest() != m[SEGMENT_HEADER.size : SEGMENT_HEADER.size + 32]:
+            return None
+        magic, version, _r, salt, vsize, first_seq, _created = SEGMENT_HEADER.unpack(raw)
+        if magic != SEGMENT_MAGIC or version != SEGMENT_VERSION:
+            return None
+        if vsize != self.volume_size:
+            raise JournalCorrupt(path=str(path), offset=0, reason=f"written for a volume of {vsize} bytes")
+        if first_seq != self._next_seq and self._segments:
+            raise JournalCorrupt(path=str(path), offset=0, reason="segments out of sequence (one is missing)")
+        self._next_seq = first_seq
+        return _Segment(path, first_seq, salt)
+
+    def _account(self, seg: _Segment, rec: Record) -> None:
+        seg.records += 1
+        if seg.first_ns is None:
+            seg.first_ns = rec.time_ns
+        if rec.kind == WRITE:
+            seg.write_bytes += rec.length
+        self._stats.last_ns = rec.time_ns
+        self._next_seq = rec.seq + 1
+        self._last_ns = rec.time_ns
+
+    def _start_segment(self) -> None:
+        if self._fd is not None:
+            os.fdatasync(self._fd)
+            os.close(self._fd)
+        salt = secrets.token_bytes(16)
+        path = self.directory / f"seg-{self._next_seq:016d}.ucj"
+        header = SEGMENT_HEADER.pack(
+            SEGMENT_MAGIC, SEGMENT_VERSION, 0, salt, self.volume_size, self._next_seq, time.time_ns()
+        )
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND | os.O_CLOEXEC, 0o600)
+        os.write(fd, header + blake3.blake3(header).digest())
+        os.fdatasync(fd)
+        dfd = os.open(self.directory, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+        self._fd, self._key, self._pos = fd, _key(salt), SEGMENT_HEADER.size + 32
+        self._segments.append(_Segment(path, self._next_seq, salt))
+        self._stats.bytes += self._pos
+        self._enforce_limit()
+
+    def _enforce_limit(self) -> None:
+        if self.max_bytes is None:
+            return
+        while len(self._segments) > 1 and self._stats.bytes > self.max_bytes:
+            oldest = self._segments.pop(0)
+            self._stats.bytes -= oldest.path.stat().st_size
+            oldest.path.unlink()
+
+    # --- appending ---------------------------------------------------------------------------
+
+    def append_write(self, offset: int, data: bytes | memoryview) -> int:
+        return self._append(WRITE, offset, len(data), data)
+
+    def append_zero(self, offset: int, length: int) -> int:
+        return self._append(ZERO, offset, length, b"")
+
+    def append_mark(self, kind: str, name: str) -> int:
+        return self._append(MARK, 0, 0, json.dumps({"kind": kind, "name": name}).encode())
+
+    def _append(self, kind: int, offset: int, length: int, data: bytes | memoryview) -> int:
+        with self._lock:
+            assert self._fd is not None, "journal is closed"
+            now = max(time.time_ns(), self._last_ns + 1)
+            header = RECORD_HEADER.pack(RECORD_MAGIC, kind, 0, 0, self._next_seq, now, offset, length, len(data))
+            h = blake3.blake3(header, key=self._key)
+            h.update(data)
+            digest = h.digest(DIGEST)
+            n = os.writev(self._fd, [header, data, digest])
+            total = len(header) + len(data) + DIGEST
+            if n != total:
+                raise OSError(f"short journal write ({n} of {total} bytes)")
+            self._account(self._segments[-1], Record(self._next_seq, now, kind, offset, length, b""))
+            self._pos += total
+            self._written += total
+            self._stats.bytes += total
+            if self._pos >= self.segment_bytes:
+                self._start_segment()
+                self._durable = self._written
+        if self.sync:
+            self.commit()
+        return now
+
+    def commit(self) -> None:
+        """Make every record appended so far durable (one fdatasync for any number of records)."""
+        with self._sync_lock:
+            with self._lock:
+                target = self._written
+                if target <= self._durable or self._fd is None:
+                    return
+                fd = os.dup(self._fd)  # stays valid if a segment switch closes the original
+            try:
+                os.fdatasync(fd)
+            finally:
+                os.close(fd)
+            self._durable = max(self._durable, target)
+
+    def _commit_loop(self) -> None:
+        while not self._stop.wait(self.commit_interval):
+            try:
+                self.commit()
+            except OSError:
+                continue  # the journal is being closed; close() commits itself
+
+    # --- reading -----------------------------------------------------------------------------
+
+    def records(self, with_data: bool = True) -> Iterator[Record]:
+        """Every record, oldest first (reads the segment files; safe while appending)."""
+        with self._lock:
+            segments = list(self._segments)
+        for seg in segments:
+            try:
+                yield from _segment_records(seg, with_data)
+            except FileNotFoundError:
+                continue  # dropped by the size limit meanwhile
+
+    def stats(self) -> JournalStats:
+        with self._lock:
+            st, segs = self._stats, self._segments
+            first = next((s.first_ns for s in segs if s.first_ns is not None), None)
+            return JournalStats(
+                len(segs),
+                sum(s.records for s in segs),
+                st.bytes,
+                first,
+                st.last_ns,
+                sum(s.write_bytes for s in segs),
+                st.recovered_tail_bytes,
+            )
+
+    def close(self) -> None:
+        self._stop.set()
+        if self._committer is not None:
+            self._committer.join()
+        self.commit()
+        with self._lock:
+            if self._fd is not None:
+                os.close(self._fd)
+                self._fd = None
+
+
+def _segment_records(seg: _Segment, with_data: bool) -> Iterator[Record]:
+    with open(seg.path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
+        key = _key(seg.salt)
+        pos = SEGMENT_HEADER.size + 32
+        while pos < len(m):
+            end = _check_record(m, pos, key)
+            if end is None:
+                return  # the tail being appended right now
+            yield _parse(m, pos, with_data)
+            pos = end
+
+
+def _key(salt: bytes) -> bytes:
+    return blake3.blake3(salt, derive_key_context="umbra 2026 cdp journal record checksum").digest()
+
+
+def _check_record(m: mmap.mmap, pos: int, key: bytes) -> int | None:
+    """End offset of a valid record at ``pos``, or None."""
+    if pos + RECORD_HEADER.size + DIGEST > len(m):
+        return None
+    header = m[pos : pos + RECORD_HEADER.size]
+    magic, kind, _f, _r, _seq, _t, _off, _len, dlen = RECORD_HEADER.unpack(header)
+    end = pos + RECORD_HEADER.size + dlen + DIGEST
+    if magic != RECORD_MAGIC or kind not in KINDS or end > len(m):
+        return None
+    h = blake3.blake3(header, key=key)
+    h.update(m[pos + RECORD_HEADER.size : end - DIGEST])
+    return end if h.digest(DIGEST) == m[end - DIGEST : end] else None
+
+
+def _parse(m: mmap.mmap, pos: int, with_data: bool = True) -> Record:
+    _magic, kind, _f, _r, seq, t, off, length, dlen = RECORD_HEADER.unpack_from(m, pos)
+    start = pos + RECORD_HEADER.size
+    return Record(seq, t, kind, off, length, m[start : start + dlen] if with_data else b"")
+
+
+def _find_valid_after(m: mmap.mmap, pos: int, key: bytes) -> int | None:
+    magic = struct.pack("<I", RECORD_MAGIC)
+    while True:
+        pos = m.find(magic, pos)
+        if pos < 0:
+            return None
+        if _check_record(m, pos, key) is not None:
+            return pos
+        pos += 1

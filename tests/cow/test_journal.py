@@ -1,0 +1,130 @@
+"""CDP journal: order, timestamps, group commit, torn tails and damage in the middle (RELIABILITY C1, C2)."""
+
+from __future__ import annotations
+
+import os
+import random
+from pathlib import Path
+
+import pytest
+
+from umbra.cow.journal import MARK, RECORD_HEADER, SEGMENT_HEADER, WRITE, ZERO, Journal
+from umbra.errors import JournalCorrupt
+
+SIZE = 1 << 20
+
+
+def _fill(directory: Path, n: int, **options) -> list[tuple[int, bytes]]:
+    journal = Journal.open(directory, SIZE, **options)
+    rng = random.Random(n)
+    written = []
+    for i in range(n):
+        data = rng.randbytes(rng.randint(1, 3000))
+        offset = rng.randrange(0, SIZE - len(data))
+        journal.append_write(offset, data)
+        written.append((offset, data))
+        if i % 7 == 0:
+            journal.append_zero(offset, 512)
+    journal.close()
+    return written
+
+
+def _writes(journal: Journal) -> list[tuple[int, bytes]]:
+    return [(r.offset, r.data) for r in journal.records() if r.kind == WRITE]
+
+
+def test_records_come_back_in_order_with_increasing_times(tmp_path: Path) -> None:
+    written = _fill(tmp_path / "j", 300, segment_bytes=64 * 1024)
+    journal = Journal.open(tmp_path / "j", SIZE)
+    records = list(journal.records())
+    assert len({r.path for r in journal._segments}) > 3  # several segments
+    assert _writes(journal) == written
+    assert [r.seq for r in records] == list(range(1, len(records) + 1))
+    times = [r.time_ns for r in records]
+    assert times == sorted(times) and len(set(times)) == len(times)
+    assert {r.kind for r in records} == {WRITE, ZERO}
+    t = journal.append_mark("snapshot", "s1")
+    assert t > times[-1]
+    last = list(journal.records())[-1]
+    assert last.kind == MARK and last.mark == {"kind": "snapshot", "name": "s1"}
+    stats = journal.stats()
+    assert stats.records == len(records) + 1 and stats.write_bytes == sum(len(d) for _, d in written)
+    journal.close()
+
+
+def test_torn_tail_is_cut_to_the_longest_valid_prefix(tmp_path: Path) -> None:
+    _fill(tmp_path / "j", 50)
+    (seg,) = sorted((tmp_path / "j").iterdir())
+    full = seg.read_bytes()
+    journal = Journal.open(tmp_path / "j", SIZE)
+    records = [(r.seq, r.offset, r.data) for r in journal.records()]
+    journal.close()
+    ends, pos = [], SEGMENT_HEADER.size + 32
+    for _seq, _off, data in records:
+        pos += RECORD_HEADER.size + len(data) + 16
+        ends.append(pos)
+    rng = random.Random(1)
+    for cut in [*rng.sample(range(ends[0] - 10, len(full)), 40), ends[10], ends[10] + 1, len(full) - 1]:
+        for p in (tmp_path / "j").iterdir():
+            p.unlink()
+        seg.write_bytes(full[:cut])
+        journal = Journal.open(tmp_path / "j", SIZE)
+        keep = sum(1 for e in ends if e <= cut)  # the longest valid prefix, exactly
+        assert [(r.seq, r.offset, r.data) for r in journal.records()] == records[:keep]
+        assert journal.stats().recovered_tail_bytes == cut - (ends[keep - 1] if keep else cut)
+        journal.append_write(0, b"after")  # and the journal goes on from there
+        assert list(journal.records())[-1].seq == keep + 1
+        journal.close()
+
+
+def test_damage_in_the_middle_is_reported_not_truncated(tmp_path: Path) -> None:
+    _fill(tmp_path / "j", 50)
+    (seg,) = sorted((tmp_path / "j").iterdir())
+    data = bytearray(seg.read_bytes())
+    data[len(data) // 2] ^= 0x40
+    seg.write_bytes(bytes(data))
+    with pytest.raises(JournalCorrupt, match="followed by valid records"):
+        Journal.open(tmp_path / "j", SIZE)
+    assert seg.read_bytes() == bytes(data)  # nothing was cut
+
+
+def test_damage_in_a_sealed_segment_is_reported(tmp_path: Path) -> None:
+    _fill(tmp_path / "j", 200, segment_bytes=32 * 1024)
+    first = sorted((tmp_path / "j").iterdir())[0]
+    data = bytearray(first.read_bytes())
+    data[-3] ^= 1  # last record of a sealed segment
+    first.write_bytes(bytes(data))
+    with pytest.raises(JournalCorrupt, match="sealed segment"):
+        Journal.open(tmp_path / "j", SIZE)
+
+
+def test_missing_segment_is_reported(tmp_path: Path) -> None:
+    _fill(tmp_path / "j", 200, segment_bytes=32 * 1024)
+    sorted((tmp_path / "j").iterdir())[1].unlink()
+    with pytest.raises(JournalCorrupt, match="out of sequence"):
+        Journal.open(tmp_path / "j", SIZE)
+
+
+def test_sync_mode_makes_each_record_durable(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = []
+    real = os.fdatasync
+    monkeypatch.setattr(os, "fdatasync", lambda fd: (calls.append(fd), real(fd)))
+    journal = Journal.open(tmp_path / "j", SIZE, sync=True)
+    before = len(calls)
+    for i in range(5):
+        journal.append_write(i * 10, b"x")
+    assert len(calls) - before == 5
+    journal.close()
+
+
+def test_size_limit_drops_the_oldest_segments(tmp_path: Path) -> None:
+    journal = Journal.open(tmp_path / "j", SIZE, segment_bytes=16 * 1024, max_bytes=64 * 1024)
+    for i in range(200):
+        journal.append_write(i, os.urandom(1000))
+    stats = journal.stats()
+    assert stats.bytes <= 64 * 1024 + 16 * 1024
+    assert sum(p.stat().st_size for p in (tmp_path / "j").iterdir()) == stats.bytes
+    seqs = [r.seq for r in journal.records(with_data=False)]
+    assert seqs == list(range(seqs[0], 201)) and seqs[0] > 1
+    assert stats.first_ns == next(journal.records()).time_ns
+    journal.close()
