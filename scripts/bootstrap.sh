@@ -4,7 +4,7 @@ set -euo pipefail
 UMBRA_ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 EXTRA=${1:-}
 
-debian_packages=(e2fsprogs util-linux)
+debian_packages=(e2fsprogs util-linux fuse3 libfuse3-dev pkg-config)
 [ "$EXTRA" = test ] && debian_packages+=(fiu-utils xfsprogs btrfs-progs postgresql qemu-utils libnbd-bin nbdkit)
 missing=()
 for pkg in "${debian_packages[@]}"; do

@@ -11,7 +11,7 @@ from typing import Annotated
 import typer
 
 from umbra import __version__
-from umbra.cli import backup, init_keys, maintenance, points, restore, shadow
+from umbra.cli import backup, init_keys, maintenance, points, protect, restore, shadow
 from umbra.errors import EXIT_INTERNAL, UmbraError
 
 app = typer.Typer(
@@ -52,6 +52,10 @@ app.command()(maintenance.prune)
 app.command()(points.diff)
 app.command()(shadow.providers)
 app.command()(shadow.writers)
+app.command()(protect.protect)
+app.command()(protect.status)
+app.add_typer(protect.snapshot_app, name="snapshot")
+app.command()(protect.journal)
 
 
 @app.command()

@@ -10,6 +10,7 @@ recorded for the points' manifests.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import threading
@@ -20,6 +21,7 @@ from typing import Any, TypeVar
 
 from umbra.coordinator.freeze import Watchdog, freeze, thaw
 from umbra.errors import CoordinatorTimeout, ProviderError, SnapshotSetFailed, UsageError
+from umbra.frontends.control import find_protected
 from umbra.providers import registry
 from umbra.providers.base import Provider, Snapshot
 from umbra.volume.extents import Extent
@@ -152,7 +154,7 @@ class SnapshotSet:
         return self.snapshots
 
     def _select(self) -> None:
-        self.volumes = [resolve_source(s) for s in self.sources]
+        self.volumes = [_resolve(s) for s in self.sources]
         self.providers = [registry.select(v, self.opts.providers or None) for v in self.volumes]
         self.ctx.providers = [p.name for p in self.providers]
         self._check_excludes()
@@ -326,3 +328,12 @@ class SnapshotSet:
         if not self.opts.keep_snapshots:
             for s, p in zip(self.snapshots, self.providers, strict=True):
                 p.delete(s)
+
+
+def _resolve(source: str) -> VolumeInfo:
+    """A path (mount point, device, image file), or the name of a protected volume."""
+    if not os.path.exists(source):
+        doc = find_protected(source)
+        if doc is not None:  # through its loop device when it has one, so its mount is frozen
+            return dataclasses.replace(resolve_source(doc.get("loop") or doc["source"]), source=source)
+    return resolve_source(source)

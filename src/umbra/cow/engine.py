@@ -70,6 +70,7 @@ class CowVolume:
         tracker: ChangeTracker | None = None,
         journal: WriteLog | None = None,
         name: str = "volume",
+        sync: bool = False,
     ) -> None:
         if chunk_size < MIN_CHUNK or chunk_size & (chunk_size - 1):
             raise UsageError(f"chunk size must be a power of two of at least {MIN_CHUNK} bytes")
@@ -81,6 +82,7 @@ class CowVolume:
         self.tracker = tracker
         self.journal = journal
         self.name = name
+        self.sync = sync  # every write durable before it is acknowledged
         self._cond = threading.Condition()
         self._snaps: dict[str, _Snap] = {}
         self._inflight = 0
@@ -103,7 +105,7 @@ class CowVolume:
             self.backing.pwrite(data, offset)
         finally:
             self._end_write()
-        if fua:
+        if fua or self.sync:
             self.flush()
 
     def zero(self, offset: int, length: int, fua: bool = False) -> None:
@@ -116,7 +118,7 @@ class CowVolume:
             self.backing.zero(offset, length)
         finally:
             self._end_write()
-        if fua:
+        if fua or self.sync:
             self.flush()
 
     def flush(self) -> None:

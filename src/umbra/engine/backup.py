@@ -14,7 +14,7 @@ import socket
 import threading
 import time
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -28,8 +28,8 @@ from umbra.repo.manifest import BACKUP_TYPES, VOLUME_NAME, Point, new_point_id
 from umbra.repo.repository import Repository, utc_now
 from umbra.repo.tree import TreeBuilder
 from umbra.repo.writer import BlobWriter
-from umbra.volume.extents import Extent
-from umbra.volume.source import FileSource, open_source
+from umbra.volume.extents import Extent, intersect, merge
+from umbra.volume.source import Source, open_source
 from umbra.volume.usedmap import UsedMap, build_used_map
 
 READ_RUN = 4 * 1024 * 1024
@@ -47,6 +47,11 @@ class BackupOptions:
     display_source: str | None = None  # what the user named, when ``source`` is a snapshot of it
     annotations: dict[str, Any] = field(default_factory=dict)  # extra manifest fields (snapshot sets)
     exclude_extents: list[Extent] = field(default_factory=list)  # device ranges of excluded files
+    # changed-block tracking (protected volumes): read only what changed since the parent point's
+    # generation, take the rest from the parent; release each run once read
+    tracking_generation: str | None = None
+    changed_since: Callable[[str], list[Extent] | None] | None = None
+    on_read: Callable[[int, int], None] | None = None
 
 
 @dataclass
@@ -72,7 +77,7 @@ def _runs(used: UsedMap, block_size: int) -> Iterator[list[tuple[int, list[Exten
         yield run
 
 
-def _read_run(source: FileSource, run: list[tuple[int, list[Extent] | None]], block_size: int) -> Batch:
+def _read_run(source: Source, run: list[tuple[int, list[Extent] | None]], block_size: int) -> Batch:
     first = run[0][0]
     data = source.read_at(first * block_size, len(run) * block_size)
     view = memoryview(data)
@@ -107,12 +112,22 @@ class _Pipeline:
         return out
 
 
-def _reader(source: FileSource, used: UsedMap, block_size: int, out: queue.Queue[Any], stop: threading.Event) -> None:
+def _reader(
+    source: Source,
+    used: UsedMap,
+    block_size: int,
+    out: queue.Queue[Any],
+    stop: threading.Event,
+    on_read: Callable[[int, int], None] | None,
+) -> None:
     try:
         for run in _runs(used, block_size):
             if stop.is_set():
                 return
-            out.put(_read_run(source, run, block_size))
+            batch = _read_run(source, run, block_size)
+            if on_read is not None:
+                on_read(run[0][0] * block_size, min(len(run) * block_size, source.size - run[0][0] * block_size))
+            out.put(batch)
         out.put(_DONE)
     except BaseException as exc:  # noqa: BLE001 - handed to the consuming thread
         out.put(exc)
@@ -139,12 +154,16 @@ def run(repo: Repository, opts: BackupOptions, progress: Progress | None = None)
         used = build_used_map(source, opts.all_blocks, opts.exclude_extents)
         bs = repo.config.block_size
         nblocks = -(-source.size // bs)
+        fill = _Fill(repo, parent, source.size, bs)
+        tracked = _tracked_changes(opts, parent, source.size)
+        if tracked is not None:
+            used = fill.track(used, tracked)
         writer = BlobWriter(repo)
         tree = TreeBuilder(repo.config.fanout, lambda node: _store_node(repo, writer, node))
         counts = {"blocks_read": 0, "blocks_zero": 0, "bytes_read": 0}
         progress.start(f"backup {opts.volume}", sum(1 for _ in used.blocks(bs)) * bs)
         try:
-            _pump(repo, writer, tree, source, used, nblocks, opts.workers, counts, progress)
+            _pump(repo, writer, tree, source, used, nblocks, opts.workers, counts, progress, fill, opts.on_read)
             root, height = tree.finish()
             wstats = writer.finish()
         except BaseException:
@@ -168,6 +187,7 @@ def run(repo: Repository, opts: BackupOptions, progress: Progress | None = None)
             source=opts.display_source or os.path.abspath(opts.source),
             used_map=used.kind,
             umbra_version=__version__,
+            tracking={"generation": opts.tracking_generation} if opts.tracking_generation else {},
             **opts.annotations,
         )
         if opts.type == "full":
@@ -190,6 +210,7 @@ def run(repo: Repository, opts: BackupOptions, progress: Progress | None = None)
             "dedup_ratio": round(counts["bytes_read"] / wstats.bytes_new, 3) if wstats.bytes_new else None,
             "compression_ratio": round(wstats.bytes_new / wstats.bytes_stored, 3) if wstats.bytes_stored else None,
             "duration_s": round(duration, 3),
+            "tracked": tracked is not None,
         }
         lock.check()
         repo.save_point(point)
@@ -226,18 +247,23 @@ def _pump(
     repo: Repository,
     writer: BlobWriter,
     tree: TreeBuilder,
-    source: FileSource,
+    source: Source,
     used: UsedMap,
     nblocks: int,
     workers: int,
     counts: dict[str, int],
     progress: Progress,
+    fill: _Fill,
+    on_read: Callable[[int, int], None] | None = None,
 ) -> None:
     pipeline = _Pipeline(repo, writer)
     batches: queue.Queue[Any] = queue.Queue(maxsize=workers * 2)
     stop = threading.Event()
     reader = threading.Thread(
-        target=_reader, args=(source, used, repo.config.block_size, batches, stop), name="umbra-read", daemon=True
+        target=_reader,
+        args=(source, used, repo.config.block_size, batches, stop, on_read),
+        name="umbra-read",
+        daemon=True,
     )
     reader.start()
     next_block = 0
@@ -258,7 +284,7 @@ def _pump(
                     done_bytes = 0
                     for b, bid, env, size in inflight.popleft().result():
                         while next_block < b:
-                            tree.add(ZERO_ID)
+                            tree.add(fill.id_of(next_block))
                             next_block += 1
                         tree.add(bid)
                         next_block += 1
@@ -278,5 +304,47 @@ def _pump(
             except queue.Empty:
                 reader.join(0.05)
     while next_block < nblocks:
-        tree.add(ZERO_ID)
+        tree.add(fill.id_of(next_block))
         next_block += 1
+
+
+def _tracked_changes(opts: BackupOptions, parent: Point | None, size: int) -> list[Extent] | None:
+    """Byte extents written since the parent point, when tracking knows them exactly, else None."""
+    if parent is None or opts.changed_since is None or opts.all_blocks or parent.size != size:
+        return None
+    generation = parent.tracking.get("generation")
+    if not generation:
+        return None
+    return opts.changed_since(generation)
+
+
+class _Fill:
+    """The id of a block the pipeline does not read: zero, or (tracked backups) the parent's."""
+
+    def __init__(self, repo: Repository, parent: Point | None, size: int, block_size: int) -> None:
+        self.repo, self.parent, self.size, self.block_size = repo, parent, size, block_size
+        self.changed: set[int] | None = None
+        self._leaves: Iterator[tuple[int, bytes]] | None = None
+        self._leaf_first = -1
+        self._leaf_ids: list[bytes] = []
+
+    def track(self, used: UsedMap, changed: list[Extent]) -> UsedMap:
+        """Restrict ``used`` to the changed blocks; every other block keeps the parent's id."""
+        bs = self.block_size
+        changed = merge((s // bs * bs, min(self.size, -(-e // bs) * bs)) for s, e in changed)
+        self.changed = {b for s, e in changed for b in range(s // bs, -(-e // bs))}
+        assert self.parent is not None
+        self._leaves = iter(self.repo.tree_reader(self.parent).leaves())
+        return UsedMap(used.kind + "+tracked", intersect(used.extents, changed), used.size)
+
+    def id_of(self, block: int) -> bytes:
+        if self.changed is None or block in self.changed:
+            return ZERO_ID  # not used (or changed and now unused): free space is zeros
+        assert self.parent is not None and self._leaves is not None
+        fanout = self.parent.fanout
+        first = block // fanout * fanout
+        while self._leaf_first != first:  # blocks are asked for in increasing order
+            self._leaf_first, leaf = next(self._leaves)
+            if self._leaf_first == first:
+                self._leaf_ids = self.repo.tree_reader(self.parent).leaf_blocks(leaf, first)
+        return self._leaf_ids[block - first]

@@ -59,6 +59,9 @@ def run(
                 display_source=snap.volume.source,
                 annotations=annotations,
                 exclude_extents=snap.exclude_extents,
+                tracking_generation=snap.tracking_generation,
+                changed_since=snap.changed_since,
+                on_read=snap.on_read,
             )
             results.append(backup.run(repo, bopts, progress))
     except BaseException as exc:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import enum
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -29,6 +30,11 @@ class Snapshot:
     consistency_hint: str = "crash-consistent"  # what the provider alone guarantees
     handle: dict[str, Any] = field(default_factory=dict)
     exclude_extents: list[Extent] = field(default_factory=list)  # device ranges left out (--exclude-file)
+    # changed-block tracking (cow): this snapshot's generation, and the extents written since an
+    # older generation (None when unknown); on_read releases a range once the backup has read it
+    tracking_generation: str | None = None
+    changed_since: Callable[[str], list[Extent] | None] | None = None
+    on_read: Callable[[int, int], None] | None = None
 
 
 class Provider(ABC):

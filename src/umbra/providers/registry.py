@@ -8,11 +8,12 @@ from dataclasses import dataclass
 from umbra.errors import ProviderError, UsageError
 from umbra.providers.base import Provider
 from umbra.providers.btrfs import BtrfsProvider
+from umbra.providers.cow import CowProvider
 from umbra.providers.direct import DirectProvider
 from umbra.providers.reflink import ReflinkProvider
 from umbra.volume.mounts import VolumeInfo
 
-PROVIDERS: list[type[Provider]] = [ReflinkProvider, BtrfsProvider, DirectProvider]
+PROVIDERS: list[type[Provider]] = [CowProvider, ReflinkProvider, BtrfsProvider, DirectProvider]
 
 
 @dataclass(frozen=True)

@@ -53,6 +53,8 @@ class Point:
     phases: list[dict[str, Any]] = field(default_factory=list)
     writers: list[dict[str, Any]] = field(default_factory=list)
     components: dict[str, Any] = field(default_factory=dict)  # the backup components document
+    # protected volumes: {"generation": id} of the snapshot this point was read from
+    tracking: dict[str, Any] = field(default_factory=dict)
 
     @property
     def nblocks(self) -> int:

@@ -6,6 +6,7 @@ import errno
 import os
 import stat
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Union
 
 from umbra.errors import SourceError, SourceReadError
 from umbra.volume.extents import Extent
@@ -70,12 +71,16 @@ class FileSource:
         self.close()
 
 
-def open_source(path: str) -> FileSource:
-    """Open an image file or block device for reading.
+def open_source(path: str) -> Source:
+    """Open an image file, a block device or an NBD export (``nbd://…``, ``nbd+unix://…``) for reading.
 
     Raises:
         SourceError: missing, unreadable, or neither a regular file nor a block device.
     """
+    from umbra.volume.nbdsource import is_nbd_uri, open_nbd
+
+    if is_nbd_uri(path):
+        return open_nbd(path)
     try:
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     except OSError as exc:
@@ -86,3 +91,9 @@ def open_source(path: str) -> FileSource:
         raise SourceError(path=path, reason="not an image file or block device")
     size = os.lseek(fd, 0, os.SEEK_END)
     return FileSource(path, fd, size, stat.S_ISBLK(st.st_mode))
+
+
+if TYPE_CHECKING:
+    from umbra.volume.nbdsource import NbdSource
+
+Source = Union[FileSource, "NbdSource"]

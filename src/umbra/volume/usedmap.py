@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from umbra.volume import ext4
 from umbra.volume.extents import Extent, blocks_in, intersect, merge, subtract
-from umbra.volume.source import FileSource
+from umbra.volume.source import Source
 
 
 @dataclass
@@ -30,7 +30,7 @@ class UsedMap:
         return blocks_in(self.extents, block_size)
 
 
-def build_used_map(source: FileSource, all_blocks: bool = False, exclude: list[Extent] | None = None) -> UsedMap:
+def build_used_map(source: Source, all_blocks: bool = False, exclude: list[Extent] | None = None) -> UsedMap:
     """The used-block map; ``exclude`` (extents of excluded files) is left out even with all_blocks."""
     whole = [(0, source.size)] if source.size else []
     if all_blocks:

@@ -51,6 +51,7 @@ class NbdServer:
         self.default_export = default_export
         self.executor = executor or ThreadPoolExecutor(max_workers=min(16, 4 * (os.cpu_count() or 2)))
         self._servers: list[asyncio.Server] = []
+        self._unix_paths: list[str] = []
         self._connections: set[asyncio.StreamWriter] = set()
         self.connections_total = 0
 
@@ -62,6 +63,7 @@ class NbdServer:
                 os.unlink(path)
             server = await asyncio.start_unix_server(self._handle, path, limit=p.MAX_DISCARDABLE)
             os.chmod(path, 0o600)
+            self._unix_paths.append(path)
             bound = address
         else:
             host, _, port = address.rpartition(":")
@@ -78,6 +80,9 @@ class NbdServer:
             writer.close()
         for server in self._servers:
             await server.wait_closed()
+        for path in self._unix_paths:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
 
     # --- connection ------------------------------------------------------------------------
 

@@ -1,0 +1,334 @@
+"""``umbra protect``: the daemon that serves one protected volume and sees every write.
+
+It opens the source exclusively, recovers the journal and the tracking state, then serves the
+volume and its snapshots over NBD (always on ``STATE/nbd.sock``, plus any ``--nbd`` address) and,
+with ``--fuse``, as FUSE block files; ``--loop`` attaches the FUSE file to a loop device.  A control
+socket (``STATE/control.sock``) takes snapshot, release, tracking and status requests.
+
+State directory: ``volume.json`` (what is served where, for other umbra commands), ``running``
+(exists while the daemon runs: finding it at start means the last run crashed, so tracking is
+invalid), ``tracking.cbt`` (saved on clean shutdown), ``journal/`` (CDP segments),
+``difference.spill`` (snapshot copies past the memory limit).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import signal
+import socket
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from umbra.cow.engine import CowVolume, SnapshotInfo
+from umbra.cow.journal import Journal
+from umbra.cow.store import DifferenceStore
+from umbra.cow.tracking import ChangeTracker
+from umbra.errors import ProtectError, UsageError
+from umbra.frontends.control import MAX_LINE, encode_error
+from umbra.frontends.exports import exports_of
+from umbra.frontends.nbd.server import NbdServer
+from umbra.volume.backing import Backing, open_backing
+from umbra.volume.extents import merge
+from umbra.volume.source import FileSource
+from umbra.volume.usedmap import build_used_map
+
+log = logging.getLogger("umbra.protect")
+
+
+@dataclass
+class ProtectOptions:
+    source: str
+    name: str
+    state_dir: Path
+    nbd: list[str] = field(default_factory=list)
+    fuse_dir: Path | None = None
+    loop: bool = False
+    sync: bool = False
+    chunk_size: int = 64 * 1024
+    memory_limit: int = 256 << 20
+    store_limit: int | None = None  # default: the volume's size
+    journal: bool = True
+    journal_max: int | None = None
+    commit_interval: float = 0.05
+
+
+def iso(ns: int) -> str:
+    return datetime.fromtimestamp(ns / 1e9, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+class ProtectDaemon:
+    def __init__(self, opts: ProtectOptions) -> None:
+        self.opts = opts
+        self.state = opts.state_dir
+        self.backing: Backing | None = None
+        self.volume: CowVolume | None = None
+        self.journal: Journal | None = None
+        self.tracker: ChangeTracker | None = None
+        self.nbd: NbdServer | None = None
+        self.nbd_addresses: list[str] = []
+        self.fuse: Any = None  # umbra.frontends.fuse.FuseBlockFiles when --fuse
+        self.loop_device: str | None = None
+        self.started = time.time()
+        self._stop: asyncio.Event | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._control: asyncio.Server | None = None
+
+    # --- life cycle ----------------------------------------------------------------------------
+
+    def open(self) -> None:
+        """Take the source and recover state; raises before anything is served."""
+        opts = self.opts
+        self.state.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self.backing = open_backing(opts.source)
+        try:
+            nchunks = -(-self.backing.size // opts.chunk_size)
+            self.tracker = ChangeTracker.load(self.state / "tracking.cbt", self.state / "running", nchunks)
+            if self.tracker.invalidated:
+                log.warning("changed-block tracking reset: %s", self.tracker.invalidated)
+            (self.state / "running").write_text(f"{os.getpid()}\n")
+            if opts.journal:
+                self.journal = Journal.open(
+                    self.state / "journal",
+                    self.backing.size,
+                    commit_interval=opts.commit_interval,
+                    max_bytes=opts.journal_max,
+                )
+                if self.journal.stats().recovered_tail_bytes:
+                    log.warning("journal: cut a torn tail of %d bytes", self.journal.stats().recovered_tail_bytes)
+            store = DifferenceStore(
+                opts.chunk_size, self.state, opts.memory_limit, opts.store_limit or max(self.backing.size, 1 << 20)
+            )
+            self.volume = CowVolume(
+                self.backing, store, opts.chunk_size, self.tracker, self.journal, opts.name, sync=opts.sync
+            )
+        except BaseException:
+            self._close_storage()
+            raise
+
+    async def serve(self, ready: Callable[[dict[str, Any]], None] | None = None) -> None:
+        assert self.volume is not None
+        self._stop = asyncio.Event()
+        loop = self._loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self._stop.set)
+        try:
+            volume = self.volume
+            self.nbd = NbdServer(lambda: exports_of(volume), volume.name)
+            for address in [f"unix:{self.state / 'nbd.sock'}", *self.opts.nbd]:
+                self.nbd_addresses.append(await self.nbd.listen(address))
+            control_path = self.state / "control.sock"
+            with contextlib.suppress(FileNotFoundError):
+                control_path.unlink()
+            self._control = await asyncio.start_unix_server(self._control_client, str(control_path), limit=MAX_LINE)
+            os.chmod(control_path, 0o600)
+            if self.opts.fuse_dir is not None:
+                await loop.run_in_executor(None, self._start_fuse)
+            self._write_volume_json()
+            if ready is not None:
+                ready(self.describe())
+            await self._stop.wait()
+        finally:
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.remove_signal_handler(sig)
+            await self._shutdown()
+
+    def _start_fuse(self) -> None:
+        from umbra.frontends.fuse import FuseBlockFiles  # pyfuse3 is only needed with --fuse
+
+        assert self.volume is not None and self.opts.fuse_dir is not None
+        self.fuse = FuseBlockFiles(self.volume, self.opts.fuse_dir)
+        self.fuse.start()
+        if self.opts.loop:
+            self.loop_device = self.fuse.attach_loop()
+
+    async def _shutdown(self) -> None:
+        if self._control is not None:
+            self._control.close()
+            with contextlib.suppress(FileNotFoundError):
+                (self.state / "control.sock").unlink()
+        if self.nbd is not None:
+            await self.nbd.close()
+            self.nbd.executor.shutdown()
+        if self.fuse is not None:
+            await asyncio.get_running_loop().run_in_executor(None, self.fuse.stop)
+        self.close()
+
+    def close(self) -> None:
+        """Clean shutdown: everything durable, tracking saved, the running marker removed."""
+        if self.volume is None:
+            return
+        self.volume.flush()
+        if self.journal is not None:
+            self.journal.close()
+        if self.tracker is not None:
+            self.tracker.save(self.state / "tracking.cbt")
+        self.volume.close()
+        (self.state / "running").unlink(missing_ok=True)
+        (self.state / "volume.json").unlink(missing_ok=True)
+        self._close_storage()
+        self.volume = None
+
+    def _close_storage(self) -> None:
+        if self.journal is not None and self.volume is None:
+            self.journal.close()
+        if self.backing is not None:
+            self.backing.close()
+            self.backing = None
+
+    def _write_volume_json(self) -> None:
+        doc = {
+            "name": self.opts.name,
+            "source": os.path.abspath(self.opts.source),
+            "pid": os.getpid(),
+            "nbd": self.nbd_addresses,
+            "fuse": str(self.fuse.image_path()) if self.fuse else None,
+            "loop": self.loop_device,
+            "host": socket.gethostname(),
+        }
+        tmp = self.state / "volume.json.tmp"
+        tmp.write_text(json.dumps(doc, indent=1) + "\n")
+        os.replace(tmp, self.state / "volume.json")
+
+    # --- control -----------------------------------------------------------------------------
+
+    async def _control_client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            line = await reader.readline()
+            try:
+                request = json.loads(line)
+                op = str(request.pop("op"))
+                handler = getattr(self, "op_" + op.replace("-", "_"), None)
+                if handler is None:
+                    raise UsageError(f"unknown control request {op!r}")
+                result = await asyncio.get_running_loop().run_in_executor(None, lambda: handler(**request))
+                reply: dict[str, Any] = {"ok": result}
+            except (ValueError, KeyError, TypeError) as exc:
+                reply = encode_error(UsageError(f"malformed control request: {exc}"))
+            except Exception as exc:  # noqa: BLE001 - returned to the client
+                reply = encode_error(exc)
+            writer.write(json.dumps(reply).encode() + b"\n")
+            await writer.drain()
+        except (ConnectionError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ValueError):
+            pass
+        finally:
+            writer.close()
+
+    def _vol(self) -> CowVolume:
+        if self.volume is None:
+            raise ProtectError(volume=self.opts.name, reason="shutting down")
+        return self.volume
+
+    def _snapshot_doc(self, info: SnapshotInfo) -> dict[str, Any]:
+        vol = self._vol()
+        doc = asdict(info)
+        doc["created"] = iso(info.created_ns)
+        doc["export"] = f"{vol.name}@{info.name}"
+        doc["nbd"] = f"nbd+unix:///{vol.name}@{info.name}?socket={self.state / 'nbd.sock'}"
+        doc["fuse"] = str(self.fuse.image_path(info.name)) if self.fuse else None
+        doc["protected_bytes"] = info.protected_chunks * vol.chunk_size
+        doc["copied_bytes"] = info.copied_chunks * vol.chunk_size
+        return doc
+
+    def op_status(self) -> dict[str, Any]:
+        return self.describe()
+
+    def describe(self) -> dict[str, Any]:
+        vol = self._vol()
+        store = vol.store.stats()
+        tracker = self.tracker
+        return {
+            "volume": vol.name,
+            "source": os.path.abspath(self.opts.source),
+            "size": vol.size,
+            "chunk_size": vol.chunk_size,
+            "pid": os.getpid(),
+            "started": iso(int(self.started * 1e9)),
+            "sync": self.opts.sync,
+            "writes": vol.writes,
+            "bytes_written": vol.bytes_written,
+            "nbd": self.nbd_addresses,
+            "fuse": str(self.fuse.image_path()) if self.fuse else None,
+            "loop": self.loop_device,
+            "state": str(self.state),
+            "tracking": {
+                "generations": list(tracker.generations) if tracker else [],
+                "invalidated": tracker.invalidated if tracker else "tracking disabled",
+            },
+            "difference_store": asdict(store),
+            "snapshots": [self._snapshot_doc(s) for s in vol.snapshots()],
+            "journal": self.op_journal(),
+        }
+
+    def op_snapshot_create(self, name: str, used: str = "all") -> dict[str, Any]:
+        """``used="fs"``: protect only blocks the filesystem uses (call it only while it is frozen)."""
+        vol = self._vol()
+        extents = None
+        if used == "fs":
+            assert self.backing is not None
+            src = FileSource(self.backing.path, self.backing.fd, self.backing.size, self.backing.is_block_device)
+            extents = merge(build_used_map(src).extents)
+        elif used != "all":
+            raise UsageError("used must be 'all' or 'fs'")
+        info = vol.create_snapshot(name, extents)
+        if self.fuse is not None:
+            self.fuse.refresh()
+        return self._snapshot_doc(info)
+
+    def op_snapshot_list(self) -> list[dict[str, Any]]:
+        return [self._snapshot_doc(s) for s in self._vol().snapshots()]
+
+    def op_snapshot_delete(self, name: str) -> None:
+        self._vol().delete_snapshot(name)
+        if self.fuse is not None:
+            self.fuse.refresh()
+
+    def op_release(self, name: str, extents: list[list[int]]) -> int:
+        vol = self._vol()
+        return sum(vol.release(name, start, end - start) for start, end in extents)
+
+    def op_changed(self, name: str, since: str) -> list[list[int]] | None:
+        """Byte extents written between the snapshot that started generation ``since`` and ``name``."""
+        vol = self._vol()
+        bitmap = vol.changed_chunks(name, since)
+        if bitmap is None:
+            return None
+        cs = vol.chunk_size
+        return [[a * cs, min(b * cs, vol.size)] for a, b in bitmap.runs()]
+
+    def op_journal(self) -> dict[str, Any] | None:
+        if self.journal is None:
+            return None
+        st = self.journal.stats()
+        span = (st.last_ns - st.first_ns) / 1e9 if st.first_ns and st.last_ns else 0.0
+        return {
+            "segments": st.segments,
+            "records": st.records,
+            "bytes": st.bytes,
+            "first": iso(st.first_ns) if st.first_ns else None,
+            "last": iso(st.last_ns) if st.last_ns else None,
+            "write_bytes": st.write_bytes,
+            "write_rate": round(st.write_bytes / span, 1) if span > 0 else None,
+            "recovered_tail_bytes": st.recovered_tail_bytes,
+            "sync": self.opts.sync,
+        }
+
+    def op_stop(self) -> None:
+        if self._loop is not None and self._stop is not None:
+            self._loop.call_soon_threadsafe(self._stop.set)
+
+
+def run_daemon(opts: ProtectOptions, ready: Callable[[dict[str, Any]], None] | None = None) -> None:
+    daemon = ProtectDaemon(opts)
+    daemon.open()
+    try:
+        asyncio.run(daemon.serve(ready))
+    finally:
+        daemon.close()

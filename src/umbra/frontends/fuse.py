@@ -1,0 +1,260 @@
+"""FUSE block files: ``DIR/V.img`` (read-write) and ``DIR/V@SNAPSHOT.img`` (read-only).
+
+pyfuse3 runs its trio loop in a thread of its own; each request hands the actual I/O to a worker
+thread (``trio.to_thread``), so reads and writes run in parallel and release the GIL.  Files are
+opened with ``direct_io`` so the page cache is not doubled, and ``--loop`` attaches ``V.img`` with
+``losetup --direct-io=on``: every write of the filesystem mounted from that loop device passes
+through the cow engine.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+import subprocess
+import threading
+import time
+
+import pyfuse3
+import trio
+
+from umbra.cow.engine import CowVolume
+from umbra.errors import ProtectError, SnapshotFailed
+
+ROOT = pyfuse3.ROOT_INODE
+VOLUME_INODE = 2
+FUSE_WORKERS = 16
+
+
+class _Ops(pyfuse3.Operations):
+    def __init__(self, volume: CowVolume) -> None:
+        super().__init__()
+        self.volume = volume
+        self.snap_inodes: dict[str, int] = {}  # snapshot name -> inode (never reused while mounted)
+        self.next_inode = VOLUME_INODE + 1
+        self.lock = threading.Lock()
+        self.started_ns = time.time_ns()
+
+    # --- names -------------------------------------------------------------------------------
+
+    def refresh(self) -> None:
+        live = {s.name for s in self.volume.snapshots() if s.failed is None}
+        with self.lock:
+            for name in live - set(self.snap_inodes):
+                self.snap_inodes[name] = self.next_inode
+                self.next_inode += 1
+            for name in set(self.snap_inodes) - live:
+                del self.snap_inodes[name]
+
+    def _entries(self) -> list[tuple[str, int]]:
+        with self.lock:
+            snaps = sorted(self.snap_inodes.items(), key=lambda kv: kv[1])
+        return [(f"{self.volume.name}.img", VOLUME_INODE)] + [(f"{self.volume.name}@{n}.img", i) for n, i in snaps]
+
+    def _snapshot_of(self, inode: int) -> str | None:
+        with self.lock:
+            for name, ino in self.snap_inodes.items():
+                if ino == inode:
+                    return name
+        if inode == VOLUME_INODE:
+            return None
+        raise pyfuse3.FUSEError(errno.ENOENT)
+
+    def _attr(self, inode: int) -> pyfuse3.EntryAttributes:
+        attr = pyfuse3.EntryAttributes()
+        attr.st_ino = pyfuse3.InodeT(inode)
+        attr.st_uid, attr.st_gid = os.getuid(), os.getgid()
+        attr.st_atime_ns = attr.st_mtime_ns = attr.st_ctime_ns = self.started_ns
+        attr.entry_timeout = attr.attr_timeout = 1
+        if inode == ROOT:
+            attr.st_mode = pyfuse3.ModeT(stat.S_IFDIR | 0o755)
+            attr.st_nlink = 2
+            return attr
+        snapshot = self._snapshot_of(inode)
+        attr.st_mode = pyfuse3.ModeT(stat.S_IFREG | (0o600 if snapshot is None else 0o400))
+        attr.st_nlink = 1
+        attr.st_size = self.volume.size
+        attr.st_blksize = 4096
+        attr.st_blocks = -(-self.volume.size // 512)
+        return attr
+
+    # --- handlers ----------------------------------------------------------------------------
+
+    async def getattr(self, inode: pyfuse3.InodeT, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        return self._attr(inode)
+
+    async def lookup(
+        self, parent_inode: pyfuse3.InodeT, name: pyfuse3.FileNameT, ctx: pyfuse3.RequestContext
+    ) -> pyfuse3.EntryAttributes:
+        if parent_inode != ROOT:
+            raise pyfuse3.FUSEError(errno.ENOENT)
+        wanted = os.fsdecode(name)
+        if wanted in (".", ".."):
+            return self._attr(ROOT)
+        for entry, inode in self._entries():
+            if entry == wanted:
+                return self._attr(inode)
+        raise pyfuse3.FUSEError(errno.ENOENT)
+
+    async def opendir(self, inode: pyfuse3.InodeT, ctx: pyfuse3.RequestContext) -> pyfuse3.FileHandleT:
+        if inode != ROOT:
+            raise pyfuse3.FUSEError(errno.ENOTDIR)
+        return pyfuse3.FileHandleT(inode)
+
+    async def readdir(self, fh: pyfuse3.FileHandleT, start_id: int, token: pyfuse3.ReaddirToken) -> None:
+        for index, (name, inode) in enumerate(self._entries()):
+            if index < start_id:
+                continue
+            if not pyfuse3.readdir_reply(token, pyfuse3.FileNameT(os.fsencode(name)), self._attr(inode), index + 1):
+                return
+
+    async def open(self, inode: pyfuse3.InodeT, flags: pyfuse3.FlagT, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
+        snapshot = self._snapshot_of(inode)
+        if snapshot is not None and flags & (os.O_WRONLY | os.O_RDWR | os.O_TRUNC):
+            raise pyfuse3.FUSEError(errno.EROFS)
+        if flags & os.O_TRUNC:
+            raise pyfuse3.FUSEError(errno.EPERM)
+        return pyfuse3.FileInfo(fh=pyfuse3.FileHandleT(inode), direct_io=True)
+
+    async def read(self, fh: pyfuse3.FileHandleT, off: int, size: int) -> bytes:
+        size = max(0, min(size, self.volume.size - off))
+        if size == 0:
+            return b""
+        snapshot = self._snapshot_of(fh)
+        try:
+            if snapshot is None:
+                return await trio.to_thread.run_sync(self.volume.read, off, size)
+            return await trio.to_thread.run_sync(self.volume.read_snapshot, snapshot, off, size)
+        except SnapshotFailed as exc:
+            raise pyfuse3.FUSEError(errno.EIO) from exc
+        except OSError as exc:
+            raise pyfuse3.FUSEError(exc.errno or errno.EIO) from exc
+
+    async def write(self, fh: pyfuse3.FileHandleT, off: int, buf: bytes) -> int:
+        if fh != VOLUME_INODE:
+            raise pyfuse3.FUSEError(errno.EROFS)
+        if off + len(buf) > self.volume.size:
+            raise pyfuse3.FUSEError(errno.ENOSPC)
+        try:
+            await trio.to_thread.run_sync(self.volume.write, off, buf)
+        except OSError as exc:
+            raise pyfuse3.FUSEError(exc.errno or errno.EIO) from exc
+        return len(buf)
+
+    async def fsync(self, fh: pyfuse3.FileHandleT, datasync: bool) -> None:
+        if fh == VOLUME_INODE:
+            await trio.to_thread.run_sync(self.volume.flush)
+
+    async def flush(self, fh: pyfuse3.FileHandleT) -> None:
+        return None  # close(2) is not a durability point; fsync is
+
+    async def release(self, fh: pyfuse3.FileHandleT) -> None:
+        return None  # file handles are inode numbers: nothing to free
+
+    async def releasedir(self, fh: pyfuse3.FileHandleT) -> None:
+        return None
+
+    async def setattr(
+        self,
+        inode: pyfuse3.InodeT,
+        attr: pyfuse3.EntryAttributes,
+        fields: pyfuse3.SetattrFields,
+        fh: pyfuse3.FileHandleT | None,
+        ctx: pyfuse3.RequestContext,
+    ) -> pyfuse3.EntryAttributes:
+        if fields.update_size and attr.st_size != self.volume.size:
+            raise pyfuse3.FUSEError(errno.EPERM)  # a block file has the volume's size
+        return self._attr(inode)
+
+    async def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:
+        st = pyfuse3.StatvfsData()
+        st.f_bsize = st.f_frsize = 4096
+        st.f_blocks = -(-self.volume.size // 4096)
+        st.f_files = len(self._entries())
+        st.f_namemax = 255
+        return st
+
+
+class FuseBlockFiles:
+    """Mount the block files at ``directory`` in a thread of their own; optional loop device."""
+
+    def __init__(self, volume: CowVolume, directory: os.PathLike[str] | str) -> None:
+        self.volume = volume
+        self.directory = os.fspath(directory)
+        self.ops = _Ops(volume)
+        self.loop_device: str | None = None
+        self._thread: threading.Thread | None = None
+        self._token: trio.lowlevel.TrioToken | None = None
+        self._started = threading.Event()
+        self._error: BaseException | None = None
+
+    def image_path(self, snapshot: str | None = None) -> str:
+        name = self.volume.name if snapshot is None else f"{self.volume.name}@{snapshot}"
+        return os.path.join(self.directory, f"{name}.img")
+
+    def refresh(self) -> None:
+        self.ops.refresh()
+        if self._token is not None:  # drop the kernel's cached directory listing
+            trio.from_thread.run_sync(self._invalidate, trio_token=self._token)
+
+    def _invalidate(self) -> None:
+        try:
+            pyfuse3.invalidate_inode(ROOT, attr_only=False)
+        except OSError:
+            pass  # nothing cached yet
+
+    def start(self) -> None:
+        os.makedirs(self.directory, exist_ok=True)
+        options = set(pyfuse3.default_options) | {f"fsname=umbra-{self.volume.name}", "subtype=umbra"}
+        try:
+            pyfuse3.init(self.ops, self.directory, options)
+        except RuntimeError as exc:
+            raise ProtectError(volume=self.volume.name, reason=f"cannot mount FUSE at {self.directory}: {exc}") from exc
+        self.ops.refresh()
+        self._thread = threading.Thread(target=self._run, name="umbra-fuse", daemon=True)
+        self._thread.start()
+        self._started.wait()
+        if self._error is not None:
+            raise ProtectError(volume=self.volume.name, reason=f"FUSE failed: {self._error}")
+
+    def _run(self) -> None:
+        async def main() -> None:
+            self._token = trio.lowlevel.current_trio_token()
+            self._started.set()
+            await pyfuse3.main(min_tasks=4, max_tasks=FUSE_WORKERS)
+
+        try:
+            trio.run(main)
+        except BaseException as exc:  # noqa: BLE001 - reported by start() or stop()
+            self._error = exc
+            self._started.set()
+
+    def attach_loop(self) -> str:
+        """``losetup`` the read-write block file; returns ``/dev/loopN``."""
+        proc = subprocess.run(
+            ["losetup", "--find", "--show", "--direct-io=on", self.image_path()],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        if proc.returncode != 0:
+            raise ProtectError(volume=self.volume.name, reason=f"losetup failed: {proc.stderr.strip()}")
+        self.loop_device = proc.stdout.strip()
+        return self.loop_device
+
+    def stop(self) -> None:
+        if self.loop_device is not None:
+            subprocess.run(["losetup", "-d", self.loop_device], capture_output=True, check=False)
+            self.loop_device = None
+        if self._token is not None and self._thread is not None and self._thread.is_alive():
+            try:
+                trio.from_thread.run_sync(pyfuse3.terminate, trio_token=self._token)
+            except trio.RunFinishedError:
+                pass
+            self._thread.join(timeout=30)
+        try:
+            pyfuse3.close(unmount=True)
+        except (RuntimeError, OSError):
+            subprocess.run(["umount", "-l", self.directory], capture_output=True, check=False)
+        self._token = None
