@@ -245,3 +245,23 @@ def test_backing_is_held_exclusively(tmp_path: Path) -> None:
     with pytest.raises(VolumeBusy, match="another umbra process"):
         open_backing(str(tmp_path / "vol.img"))
     vol.backing.close()
+
+
+def test_sync_mode_and_fua_make_writes_durable_before_they_return(tmp_path: Path) -> None:
+    from umbra.cow.journal import Journal
+
+    vol = make_volume(tmp_path, 8 * CHUNK, CHUNK)
+    vol.journal = Journal.open(tmp_path / "journal", vol.size, commit_interval=3600)  # no background commits
+    calls: list[str] = []
+    real_flush, real_commit = vol.backing.flush, vol.journal.commit
+    vol.backing.flush = lambda: (calls.append("volume"), real_flush())[1]  # type: ignore[method-assign]
+    vol.journal.commit = lambda: (calls.append("journal"), real_commit())[1]  # type: ignore[method-assign]
+    vol.write(0, b"a" * CHUNK)
+    assert calls == []  # group commit: not yet
+    vol.write(0, b"b" * CHUNK, fua=True)
+    assert calls == ["journal", "volume"]
+    vol.sync = True
+    vol.zero(0, CHUNK)
+    vol.write(CHUNK, b"c")
+    assert calls == ["journal", "volume"] * 3
+    vol.journal.close()
