@@ -56,12 +56,13 @@ def fio(uri: str, rw: str, bs: str, size: int, runtime: int) -> dict[str, float]
         "--time_based",
         "--output-format=json",
     )
-    job = json.loads(out.stdout)["jobs"][0]
+    job = json.loads(out.stdout[out.stdout.index("{") :])["jobs"][0]  # after "connected to NBD server"
     side = job["read"] if "read" in rw else job["write"]
     return {"MBps": side["bw_bytes"] / 1e6, "lat_us": side["clat_ns"]["mean"] / 1e3, "iops": side["iops"]}
 
 
 def serve_nbdkit(image: Path, sock: Path) -> subprocess.Popen[bytes]:
+    sock.unlink(missing_ok=True)
     proc = subprocess.Popen(["nbdkit", "-f", "-U", str(sock), "file", str(image)])
     wait_socket(sock, proc)
     return proc

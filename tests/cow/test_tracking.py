@@ -91,7 +91,7 @@ def test_tracking_state_round_trip_and_crash(tmp_path: Path) -> None:
     raw[20] ^= 1
     (tmp_path / "t.cbt").write_bytes(bytes(raw))
     damaged = ChangeTracker.load(tmp_path / "t.cbt", tmp_path / "running", 100)
-    assert damaged.generations == {} and "unreadable" in damaged.invalidated
+    assert damaged.generations == {} and "not usable" in damaged.invalidated
     t.save(tmp_path / "t.cbt")
     resized = ChangeTracker.load(tmp_path / "t.cbt", tmp_path / "running", 101)
     assert "changed size" in resized.invalidated

@@ -192,3 +192,36 @@ def test_fuse_loop_filesystem_and_snapshot_files(tmp_path: Path) -> None:
     assert loop not in subprocess.run(["losetup", "-a"], capture_output=True, text=True).stdout.split(":")[0::2]
     fsck = subprocess.run(["e2fsck", "-fn", str(image)], capture_output=True, text=True, check=False)
     assert fsck.returncode == 0, fsck.stdout
+
+
+def test_snapshots_survive_a_clean_restart_but_not_a_modified_source(image: Path, tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    d = Protected(image, "vol", state, "--memory", "64K")  # most copies spill to the file
+    c = RawClient(state / "nbd.sock", "vol")
+    old = os.urandom(4 * MiB)
+    c.request(p.CMD_WRITE, 0, len(old), payload=old)
+    assert c.simple_reply()[0] == 0
+    c.close()
+    d.cli("snapshot", "create", "vol", "keep")
+    c = RawClient(state / "nbd.sock", "vol")
+    c.request(p.CMD_WRITE, 0, 2 * MiB, payload=b"\x01" * 2 * MiB)
+    assert c.simple_reply()[0] == 0
+    c.close()
+    assert d.stop() == 0
+    assert (state / "snapshots.json").exists()
+    d = Protected(image, "vol", state)
+    snaps = d.client.call("snapshot-list")
+    assert [s["name"] for s in snaps] == ["keep"] and snaps[0]["copied_bytes"] == 2 * MiB
+    c = RawClient(state / "nbd.sock", "vol@keep")
+    c.request(p.CMD_READ, 0, 4 * MiB)
+    assert c.simple_reply(4 * MiB) == (0, old)
+    c.close()
+    assert d.stop() == 0
+    with open(image, "r+b") as f:  # written while nobody protects it
+        f.write(b"sneaky")
+    d = Protected(image, "vol", state)
+    status = d.client.call("status")
+    assert status["snapshots"] == []
+    assert "modified while it was not protected" in status["tracking"]["invalidated"]
+    assert "dropping the snapshots" in d.output()
+    assert d.stop() == 0

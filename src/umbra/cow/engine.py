@@ -14,11 +14,13 @@ live volume, because a write may have preserved and overwritten the chunk in bet
 
 from __future__ import annotations
 
+import base64
 import threading
 import time
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 from umbra.cow.bitmap import Bitmap
 from umbra.cow.store import DifferenceStore
@@ -29,6 +31,14 @@ from umbra.volume.extents import Extent
 
 MIN_CHUNK = 512
 SNAPSHOT_NAME_CHARS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._-")
+
+
+def _pack(bitmap: Bitmap) -> str:
+    return base64.b64encode(zlib.compress(bytes(bitmap.bits))).decode()
+
+
+def _unpack(text: str, nbits: int) -> Bitmap:
+    return Bitmap(nbits, bits=zlib.decompress(base64.b64decode(text)))
 
 
 class WriteLog(Protocol):
@@ -324,5 +334,36 @@ class CowVolume:
         if offset < 0 or length < 0 or offset + length > self.size:
             raise UsageError(f"range {offset}+{length} is outside the volume ({self.size} bytes)")
 
-    def close(self) -> None:
-        self.store.close()
+    # --- keeping snapshots across a clean restart ------------------------------------------------
+
+    def export_snapshots(self) -> list[dict[str, Any]]:
+        """Every usable snapshot's metadata (copies are slots of the store, which persists itself)."""
+        with self._cond:
+            return [
+                {
+                    "name": s.name,
+                    "created_ns": s.created_ns,
+                    "generation": s.generation,
+                    "protected": _pack(s.protected),
+                    "copies": [[c, slot] for c, slot in s.copies.items()],
+                    "changed_since": {g: _pack(b) for g, b in s.changed_since.items()},
+                }
+                for s in self._snaps.values()
+                if s.failed is None
+            ]
+
+    def import_snapshots(self, docs: list[dict[str, Any]]) -> None:
+        with self._cond:
+            for d in docs:
+                snap = _Snap(
+                    d["name"],
+                    int(d["created_ns"]),
+                    _unpack(d["protected"], self.nchunks),
+                    {int(c): int(slot) for c, slot in d["copies"]},
+                    d["generation"],
+                    {g: _unpack(b, self.nchunks) for g, b in d["changed_since"].items()},
+                )
+                self._snaps[snap.name] = snap
+
+    def close(self, keep_store: bool = False) -> None:
+        self.store.close(keep=keep_store)

@@ -13,6 +13,7 @@ import os
 import threading
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from umbra.errors import DifferenceStoreFull
 
@@ -97,9 +98,42 @@ class DifferenceStore:
         with self._lock:
             return StoreStats(len(self._refs), self._memory_bytes, len(self._spilled) * self.chunk_size, self.limit)
 
-    def close(self) -> None:
+    def persist(self) -> dict[str, Any]:
+        """Move every copy to the spill file, make it durable, and describe it (for a restart)."""
+        with self._lock:
+            for slot, data in list(self._memory.items()):
+                self._spilled[slot] = self._spill(data)
+            self._memory.clear()
+            self._memory_bytes = 0
+            if self._spill_fd is not None:
+                os.fsync(self._spill_fd)
+            return {
+                "chunk_size": self.chunk_size,
+                "slots": {str(slot): [offset, self._refs[slot]] for slot, offset in self._spilled.items()},
+                "next": self._next,
+                "spill_end": self._spill_end,
+                "free": list(self._free_offsets),
+            }
+
+    @classmethod
+    def reopen(cls, index: dict[str, Any], spill_dir: Path, memory_limit: int, limit: int) -> DifferenceStore:
+        """The store :meth:`persist` described, its copies read from the spill file on demand."""
+        store = cls(int(index["chunk_size"]), spill_dir, memory_limit, limit)
+        assert store._spill_path is not None
+        if index["slots"]:
+            store._spill_fd = os.open(store._spill_path, os.O_RDWR | os.O_CLOEXEC)
+        for slot, (offset, refs) in index["slots"].items():
+            store._spilled[int(slot)] = int(offset)
+            store._refs[int(slot)] = int(refs)
+        store._next = int(index["next"])
+        store._spill_end = int(index["spill_end"])
+        store._free_offsets = [int(o) for o in index["free"]]
+        return store
+
+    def close(self, keep: bool = False) -> None:
+        """Close the spill file; delete it unless ``keep`` (after :meth:`persist`)."""
         if self._spill_fd is not None:
             os.close(self._spill_fd)
             self._spill_fd = None
-            if self._spill_path is not None:
-                self._spill_path.unlink(missing_ok=True)
+        if self._spill_path is not None and not keep:
+            self._spill_path.unlink(missing_ok=True)

@@ -59,9 +59,15 @@ class ChangeTracker:
 
     # --- persistence -------------------------------------------------------------------------
 
-    def save(self, path: Path) -> None:
+    def save(self, path: Path, fingerprint: str = "") -> None:
+        """``fingerprint``: the source's identity at shutdown (size, mtime, inode); a different one
+        at the next start means the source was written while unprotected."""
         header = json.dumps(
-            {"nchunks": self.nchunks, "generations": [[g.id, g.started] for g in self.generations.values()]}
+            {
+                "nchunks": self.nchunks,
+                "fingerprint": fingerprint,
+                "generations": [[g.id, g.started] for g in self.generations.values()],
+            }
         ).encode()
         body = struct.pack("<8sII", MAGIC, VERSION, len(header)) + header
         body += b"".join(bytes(g.bitmap.bits) for g in self.generations.values())
@@ -73,21 +79,22 @@ class ChangeTracker:
         os.replace(tmp, path)
 
     @classmethod
-    def load(cls, path: Path, running_marker: Path, nchunks: int) -> ChangeTracker:
-        """Load saved bitmaps unless the last run crashed (marker present) or they do not fit."""
+    def load(cls, path: Path, running_marker: Path, nchunks: int, fingerprint: str = "") -> ChangeTracker:
+        """Load saved bitmaps unless the last run crashed (marker present), the source changed
+        while unprotected (fingerprint), or they do not fit."""
         tracker = cls(nchunks)
         if running_marker.exists():
             tracker.invalidated = "the protect daemon did not shut down cleanly; writes may be untracked"
         elif path.exists():
             try:
-                tracker._read(path.read_bytes())
+                tracker._read(path.read_bytes(), fingerprint)
             except ValueError as exc:
                 tracker.generations.clear()
-                tracker.invalidated = f"tracking state unreadable ({exc})"
+                tracker.invalidated = f"tracking state not usable: {exc}"
         path.unlink(missing_ok=True)  # from now on only a clean shutdown writes it again
         return tracker
 
-    def _read(self, data: bytes) -> None:
+    def _read(self, data: bytes, fingerprint: str) -> None:
         body, digest = data[:-32], data[-32:]
         if len(data) < 48 or blake3.blake3(body).digest() != digest:
             raise ValueError("checksum mismatch")
@@ -97,6 +104,8 @@ class ChangeTracker:
         header = json.loads(body[16 : 16 + hlen])
         if header["nchunks"] != self.nchunks:
             raise ValueError("the volume changed size")
+        if header.get("fingerprint", "") != fingerprint:
+            raise ValueError("the source was modified while it was not protected")
         nbytes = (self.nchunks + 7) // 8
         pos = 16 + hlen
         for gid, started in header["generations"]:

@@ -90,9 +90,12 @@ class ProtectDaemon:
         self.backing = open_backing(opts.source)
         try:
             nchunks = -(-self.backing.size // opts.chunk_size)
-            self.tracker = ChangeTracker.load(self.state / "tracking.cbt", self.state / "running", nchunks)
+            fingerprint = _fingerprint(self.backing)
+            crashed = (self.state / "running").exists()
+            self.tracker = ChangeTracker.load(self.state / "tracking.cbt", self.state / "running", nchunks, fingerprint)
             if self.tracker.invalidated:
                 log.warning("changed-block tracking reset: %s", self.tracker.invalidated)
+            kept = self._load_snapshots(crashed, fingerprint, nchunks)
             (self.state / "running").write_text(f"{os.getpid()}\n")
             if opts.journal:
                 self.journal = Journal.open(
@@ -103,12 +106,17 @@ class ProtectDaemon:
                 )
                 if self.journal.stats().recovered_tail_bytes:
                     log.warning("journal: cut a torn tail of %d bytes", self.journal.stats().recovered_tail_bytes)
-            store = DifferenceStore(
-                opts.chunk_size, self.state, opts.memory_limit, opts.store_limit or max(self.backing.size, 1 << 20)
-            )
+            limit = opts.store_limit or max(self.backing.size, 1 << 20)
+            if kept is not None:
+                store = DifferenceStore.reopen(kept["store"], self.state, opts.memory_limit, limit)
+            else:
+                store = DifferenceStore(opts.chunk_size, self.state, opts.memory_limit, limit)
             self.volume = CowVolume(
                 self.backing, store, opts.chunk_size, self.tracker, self.journal, opts.name, sync=opts.sync
             )
+            if kept is not None:
+                self.volume.import_snapshots(kept["snapshots"])
+                log.warning("kept %d snapshots from the last run", len(kept["snapshots"]))
         except BaseException:
             self._close_storage()
             raise
@@ -168,13 +176,47 @@ class ProtectDaemon:
         self.volume.flush()
         if self.journal is not None:
             self.journal.close()
+        assert self.backing is not None
+        fingerprint = _fingerprint(self.backing)
         if self.tracker is not None:
-            self.tracker.save(self.state / "tracking.cbt")
-        self.volume.close()
+            self.tracker.save(self.state / "tracking.cbt", fingerprint)
+        snapshots = self.volume.export_snapshots()
+        if snapshots:
+            doc = {
+                "fingerprint": fingerprint,
+                "chunk_size": self.volume.chunk_size,
+                "nchunks": self.volume.nchunks,
+                "store": self.volume.store.persist(),
+                "snapshots": snapshots,
+            }
+            _write_json(self.state / "snapshots.json", doc)
+        self.volume.close(keep_store=bool(snapshots))
         (self.state / "running").unlink(missing_ok=True)
         (self.state / "volume.json").unlink(missing_ok=True)
         self._close_storage()
         self.volume = None
+
+    def _load_snapshots(self, crashed: bool, fingerprint: str, nchunks: int) -> dict[str, Any] | None:
+        """Snapshots saved by the last clean shutdown, if they still describe this source."""
+        path = self.state / "snapshots.json"
+        if not path.exists():
+            return None
+        try:
+            doc: dict[str, Any] = json.loads(path.read_text())
+        except (OSError, ValueError):
+            doc = {}
+        path.unlink()  # from now on only a clean shutdown writes it again
+        problem = None
+        if crashed:
+            problem = "the daemon did not shut down cleanly"
+        elif doc.get("fingerprint") != fingerprint:
+            problem = "the source was modified while it was not protected"
+        elif doc.get("chunk_size") != self.opts.chunk_size or doc.get("nchunks") != nchunks:
+            problem = "the chunk size or the volume size changed"
+        if problem is not None:
+            log.warning("dropping the snapshots of the last run: %s", problem)
+            return None
+        return doc
 
     def _close_storage(self) -> None:
         if self.journal is not None and self.volume is None:
@@ -193,9 +235,7 @@ class ProtectDaemon:
             "loop": self.loop_device,
             "host": socket.gethostname(),
         }
-        tmp = self.state / "volume.json.tmp"
-        tmp.write_text(json.dumps(doc, indent=1) + "\n")
-        os.replace(tmp, self.state / "volume.json")
+        _write_json(self.state / "volume.json", doc)
 
     # --- control -----------------------------------------------------------------------------
 
@@ -323,6 +363,23 @@ class ProtectDaemon:
     def op_stop(self) -> None:
         if self._loop is not None and self._stop is not None:
             self._loop.call_soon_threadsafe(self._stop.set)
+
+
+def _fingerprint(backing: Backing) -> str:
+    """What identifies the source's contents between runs (files: size, mtime, inode)."""
+    st = os.fstat(backing.fd)
+    if backing.is_block_device:
+        return f"device:{backing.size}"
+    return f"file:{st.st_size}:{st.st_mtime_ns}:{st.st_ino}"
+
+
+def _write_json(path: Path, doc: dict[str, Any]) -> None:
+    tmp = path.with_suffix(".tmp")
+    with open(tmp, "w") as f:
+        json.dump(doc, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
 
 
 def run_daemon(opts: ProtectOptions, ready: Callable[[dict[str, Any]], None] | None = None) -> None:
