@@ -225,3 +225,56 @@ def test_snapshots_survive_a_clean_restart_but_not_a_modified_source(image: Path
     assert "modified while it was not protected" in status["tracking"]["invalidated"]
     assert "dropping the snapshots" in d.output()
     assert d.stop() == 0
+
+
+def test_an_nbd_address_in_use_is_a_clear_error(image: Path, tmp_path: Path) -> None:
+    import socket
+
+    busy = socket.socket()
+    busy.bind(("127.0.0.1", 0))
+    busy.listen()
+    port = busy.getsockname()[1]
+    try:
+        proc = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "umbra",
+                "protect",
+                str(image),
+                "--name",
+                "vol",
+                "--state",
+                str(tmp_path / "s"),
+                "--nbd",
+                f"127.0.0.1:{port}",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+    finally:
+        busy.close()
+    assert proc.returncode == 50, proc.stderr
+    assert f"cannot serve NBD at 127.0.0.1:{port}" in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "s" / "running").exists()  # shut down cleanly: tracking stays valid
+
+
+def test_nbd_over_tcp(image: Path, tmp_path: Path) -> None:
+    requires("qemu-io")
+    d = Protected(image, "vol", tmp_path / "state", "--nbd", "127.0.0.1:0")
+    try:
+        tcp = [a for a in d.info["nbd"] if not a.startswith("unix:")]
+        assert len(tcp) == 1 and tcp[0].startswith("127.0.0.1:")
+        out = subprocess.run(
+            ["qemu-io", "-f", "raw", f"nbd://{tcp[0]}/vol", "-c", "write -P 9 0 64k", "-c", "read -P 9 0 64k"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+        assert "read 65536/65536" in out
+    finally:
+        assert d.stop() == 0
+    with open(image, "rb") as f:
+        assert f.read(65536) == b"\x09" * 65536

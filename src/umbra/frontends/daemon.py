@@ -131,7 +131,11 @@ class ProtectDaemon:
             volume = self.volume
             self.nbd = NbdServer(lambda: exports_of(volume), volume.name)
             for address in [f"unix:{self.state / 'nbd.sock'}", *self.opts.nbd]:
-                self.nbd_addresses.append(await self.nbd.listen(address))
+                try:
+                    self.nbd_addresses.append(await self.nbd.listen(address))
+                except (OSError, ValueError) as exc:
+                    reason = f"cannot serve NBD at {address}: {getattr(exc, 'strerror', None) or exc}"
+                    raise ProtectError(volume=self.opts.name, reason=reason) from exc
             control_path = self.state / "control.sock"
             with contextlib.suppress(FileNotFoundError):
                 control_path.unlink()
