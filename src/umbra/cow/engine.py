@@ -18,7 +18,7 @@ import base64
 import threading
 import time
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -107,25 +107,22 @@ class CowVolume:
         return self.backing.pread(length, offset)
 
     def write(self, offset: int, data: bytes | memoryview, fua: bool = False) -> None:
-        self._check_range(offset, len(data))
-        if not len(data):
-            return
-        self._begin_write(offset, len(data), data)
-        try:
-            self.backing.pwrite(data, offset)
-        finally:
-            self._end_write()
-        if fua or self.sync:
-            self.flush()
+        self._apply(offset, len(data), data, lambda: self.backing.pwrite(data, offset), fua)
 
     def zero(self, offset: int, length: int, fua: bool = False) -> None:
         """Write zeros (NBD WRITE_ZEROES and TRIM both land here: trimmed ranges read as zeros)."""
+        self._apply(offset, length, None, lambda: self.backing.zero(offset, length), fua)
+
+    def _apply(
+        self, offset: int, length: int, data: bytes | memoryview | None, io: Callable[[], None], fua: bool
+    ) -> None:
+        """Preserve, track and journal the range, then do ``io`` outside the lock."""
         self._check_range(offset, length)
         if not length:
             return
-        self._begin_write(offset, length, None)
+        self._begin_write(offset, length, data)
         try:
-            self.backing.zero(offset, length)
+            io()
         finally:
             self._end_write()
         if fua or self.sync:

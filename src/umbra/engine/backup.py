@@ -8,6 +8,7 @@ the queue depths (a few runs of ``READ_RUN`` bytes plus two packs), never by the
 
 from __future__ import annotations
 
+import contextlib
 import os
 import queue
 import socket
@@ -23,10 +24,11 @@ from umbra import __version__
 from umbra.engine.diff import changed_blocks
 from umbra.engine.progress import NoProgress, Progress
 from umbra.errors import UsageError
+from umbra.frontends.nbd.client import is_nbd_uri, open_nbd
 from umbra.repo.format import ZERO_ID, BlobType
 from umbra.repo.manifest import BACKUP_TYPES, VOLUME_NAME, Point, new_point_id
 from umbra.repo.repository import Repository, utc_now
-from umbra.repo.tree import TreeBuilder
+from umbra.repo.tree import TreeBuilder, TreeReader
 from umbra.repo.writer import BlobWriter
 from umbra.volume.extents import Extent, intersect, merge
 from umbra.volume.source import Source, open_source
@@ -148,7 +150,8 @@ def run(repo: Repository, opts: BackupOptions, progress: Progress | None = None)
         raise UsageError(f"backup type must be one of {', '.join(BACKUP_TYPES)}")
     progress = progress or NoProgress()
     started = time.monotonic()
-    with open_source(opts.source) as source, repo.lock(exclusive=False) as lock:
+    source = open_nbd(opts.source) if is_nbd_uri(opts.source) else open_source(opts.source)
+    with contextlib.closing(source), repo.lock(exclusive=False) as lock:
         repo.invalidate_index()
         parent = _choose_parent(repo, opts)
         used = build_used_map(source, opts.all_blocks, opts.exclude_extents)
@@ -324,6 +327,7 @@ class _Fill:
     def __init__(self, repo: Repository, parent: Point | None, size: int, block_size: int) -> None:
         self.repo, self.parent, self.size, self.block_size = repo, parent, size, block_size
         self.changed: set[int] | None = None
+        self._reader: TreeReader | None = None
         self._leaves: Iterator[tuple[int, bytes]] | None = None
         self._leaf_first = -1
         self._leaf_ids: list[bytes] = []
@@ -334,17 +338,18 @@ class _Fill:
         changed = merge((s // bs * bs, min(self.size, -(-e // bs) * bs)) for s, e in changed)
         self.changed = {b for s, e in changed for b in range(s // bs, -(-e // bs))}
         assert self.parent is not None
-        self._leaves = iter(self.repo.tree_reader(self.parent).leaves())
+        self._reader = self.repo.tree_reader(self.parent)
+        self._leaves = iter(self._reader.leaves())
         return UsedMap(used.kind + "+tracked", intersect(used.extents, changed), used.size)
 
     def id_of(self, block: int) -> bytes:
         if self.changed is None or block in self.changed:
             return ZERO_ID  # not used (or changed and now unused): free space is zeros
-        assert self.parent is not None and self._leaves is not None
+        assert self.parent is not None and self._reader is not None and self._leaves is not None
         fanout = self.parent.fanout
         first = block // fanout * fanout
         while self._leaf_first != first:  # blocks are asked for in increasing order
             self._leaf_first, leaf = next(self._leaves)
             if self._leaf_first == first:
-                self._leaf_ids = self.repo.tree_reader(self.parent).leaf_blocks(leaf, first)
+                self._leaf_ids = self._reader.leaf_blocks(leaf, first)
         return self._leaf_ids[block - first]

@@ -104,8 +104,9 @@ class ProtectDaemon:
                     commit_interval=opts.commit_interval,
                     max_bytes=opts.journal_max,
                 )
-                if self.journal.stats().recovered_tail_bytes:
-                    log.warning("journal: cut a torn tail of %d bytes", self.journal.stats().recovered_tail_bytes)
+                torn = self.journal.stats().recovered_tail_bytes
+                if torn:
+                    log.warning("journal: cut a torn tail of %d bytes", torn)
             limit = opts.store_limit or max(self.backing.size, 1 << 20)
             if kept is not None:
                 store = DifferenceStore.reopen(kept["store"], self.state, opts.memory_limit, limit)
@@ -244,26 +245,28 @@ class ProtectDaemon:
     # --- control -----------------------------------------------------------------------------
 
     async def _control_client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            line = await reader.readline()
+        # a client that hangs up or sends an endless line just gets closed
+        with contextlib.suppress(ConnectionError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ValueError):
             try:
-                request = json.loads(line)
-                op = str(request.pop("op"))
-                handler = getattr(self, "op_" + op.replace("-", "_"), None)
-                if handler is None:
-                    raise UsageError(f"unknown control request {op!r}")
-                result = await asyncio.get_running_loop().run_in_executor(None, lambda: handler(**request))
-                reply: dict[str, Any] = {"ok": result}
-            except (ValueError, KeyError, TypeError) as exc:
-                reply = encode_error(UsageError(f"malformed control request: {exc}"))
-            except Exception as exc:  # noqa: BLE001 - returned to the client
-                reply = encode_error(exc)
-            writer.write(json.dumps(reply).encode() + b"\n")
-            await writer.drain()
-        except (ConnectionError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ValueError):
-            pass
-        finally:
-            writer.close()
+                reply = await self._answer(await reader.readline())
+                writer.write(json.dumps(reply).encode() + b"\n")
+                await writer.drain()
+            finally:
+                writer.close()
+
+    async def _answer(self, line: bytes) -> dict[str, Any]:
+        try:
+            request = json.loads(line)
+            op = str(request.pop("op"))
+            handler = getattr(self, "op_" + op.replace("-", "_"), None)
+            if handler is None:
+                raise UsageError(f"unknown control request {op!r}")
+            result = await asyncio.get_running_loop().run_in_executor(None, lambda: handler(**request))
+            return {"ok": result}
+        except (ValueError, KeyError, TypeError) as exc:
+            return encode_error(UsageError(f"malformed control request: {exc}"))
+        except Exception as exc:  # noqa: BLE001 - returned to the client
+            return encode_error(exc)
 
     def _vol(self) -> CowVolume:
         if self.volume is None:

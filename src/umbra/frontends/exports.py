@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import errno
-import os
 from collections.abc import Iterator
 from typing import Protocol
 
 from umbra.cow.engine import CowVolume
-from umbra.volume.source import SEEK_DATA, SEEK_HOLE
+from umbra.volume.source import data_extents
 
 Run = tuple[int, int, bool]  # start, end, has data (False: reads as zeros)
 
@@ -52,26 +51,18 @@ class VolumeExport:
     def allocation(self, offset: int, length: int) -> Iterator[Run]:
         backing = self.volume.backing
         end = offset + length
-        if backing.is_block_device:
-            yield offset, end, True
-            return
+        try:
+            data = [(offset, end)] if backing.is_block_device else data_extents(backing.fd, offset, end)
+        except OSError:
+            data = [(offset, end)]  # cannot tell: claim data
         pos = offset
-        while pos < end:
-            try:
-                data = os.lseek(backing.fd, pos, SEEK_DATA)
-            except OSError as exc:
-                if exc.errno == errno.ENXIO:  # only a hole up to the end of the file
-                    yield pos, end, False
-                    return
-                yield pos, end, True  # cannot tell: claim data
-                return
-            if data > pos:
-                yield pos, min(data, end), False
-                pos = min(data, end)
-                continue
-            hole = min(os.lseek(backing.fd, pos, SEEK_HOLE), end)
-            yield pos, hole, True
-            pos = hole
+        for start, stop in data:
+            if start > pos:
+                yield pos, start, False
+            yield start, stop, True
+            pos = stop
+        if pos < end:
+            yield pos, end, False
 
 
 class SnapshotExport:

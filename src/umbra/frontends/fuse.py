@@ -9,6 +9,7 @@ through the cow engine.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import stat
@@ -53,12 +54,13 @@ class _Ops(pyfuse3.Operations):
         return [(f"{self.volume.name}.img", VOLUME_INODE)] + [(f"{self.volume.name}@{n}.img", i) for n, i in snaps]
 
     def _snapshot_of(self, inode: int) -> str | None:
+        """None for the volume's own file, else the snapshot's name (ENOENT if there is none)."""
+        if inode == VOLUME_INODE:
+            return None
         with self.lock:
             for name, ino in self.snap_inodes.items():
                 if ino == inode:
                     return name
-        if inode == VOLUME_INODE:
-            return None
         raise pyfuse3.FUSEError(errno.ENOENT)
 
     def _attr(self, inode: int) -> pyfuse3.EntryAttributes:
@@ -199,10 +201,8 @@ class FuseBlockFiles:
             trio.from_thread.run_sync(self._invalidate, trio_token=self._token)
 
     def _invalidate(self) -> None:
-        try:
+        with contextlib.suppress(OSError):  # nothing cached yet
             pyfuse3.invalidate_inode(ROOT, attr_only=False)
-        except OSError:
-            pass  # nothing cached yet
 
     def start(self) -> None:
         os.makedirs(self.directory, exist_ok=True)
@@ -248,10 +248,8 @@ class FuseBlockFiles:
             subprocess.run(["losetup", "-d", self.loop_device], capture_output=True, check=False)
             self.loop_device = None
         if self._token is not None and self._thread is not None and self._thread.is_alive():
-            try:
+            with contextlib.suppress(trio.RunFinishedError):  # it ended on its own meanwhile
                 trio.from_thread.run_sync(pyfuse3.terminate, trio_token=self._token)
-            except trio.RunFinishedError:
-                pass
             self._thread.join(timeout=30)
         try:
             pyfuse3.close(unmount=True)

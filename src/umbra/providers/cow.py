@@ -11,10 +11,11 @@ the chunks written since.
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 from typing import Any
 
-from umbra.errors import ProtectError, ProviderError, SnapshotFailed, UsageError
+from umbra.errors import ProtectError, ProviderError, UsageError
 from umbra.frontends.control import ControlClient, find_protected
 from umbra.providers.base import Kind, Provider, Snapshot
 from umbra.volume.extents import Extent
@@ -88,9 +89,6 @@ class CowProvider(Provider):
 
     def delete(self, snapshot: Snapshot) -> None:
         client = ControlClient(snapshot.handle["volume"], Path(snapshot.handle["state"]))
-        try:
+        # already gone (UsageError), or the daemon stopped and its snapshots went with it
+        with contextlib.suppress(UsageError, ProtectError):
             client.call("snapshot-delete", name=snapshot.handle["snapshot"])
-        except (UsageError, SnapshotFailed):
-            pass  # already gone
-        except ProtectError:
-            pass  # the daemon stopped: its snapshots went with it

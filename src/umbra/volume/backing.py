@@ -12,12 +12,11 @@ import errno
 import fcntl
 import os
 import stat
-import struct
 from dataclasses import dataclass
 
 from umbra.errors import SourceError, VolumeBusy
+from umbra.volume.blockio import pwrite_all, write_zeros, zero_device
 
-BLKZEROOUT = 0x127F
 FALLOC_FL_KEEP_SIZE = 0x01
 FALLOC_FL_PUNCH_HOLE = 0x02
 
@@ -39,23 +38,20 @@ class Backing:
         return data
 
     def pwrite(self, data: bytes | memoryview, offset: int) -> None:
-        view = memoryview(data)
-        while view:
-            n = os.pwrite(self.fd, view, offset)
-            view, offset = view[n:], offset + n
+        pwrite_all(self.fd, data, offset)
 
     def zero(self, offset: int, length: int) -> None:
         """Make the range read as zeros, freeing its space where the storage can."""
         if length <= 0:
             return
         if self.is_block_device:
-            fcntl.ioctl(self.fd, BLKZEROOUT, struct.pack("QQ", offset, length))
+            zero_device(self.fd, offset, length)
             return
         if _libc.fallocate(self.fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length) != 0:
             err = ctypes.get_errno()
             if err not in (errno.EOPNOTSUPP, errno.ENOSYS):
                 raise OSError(err, os.strerror(err))
-            self.pwrite(bytes(length), offset)
+            write_zeros(self.fd, offset, length)
 
     def flush(self) -> None:
         os.fdatasync(self.fd)

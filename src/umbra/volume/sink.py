@@ -7,17 +7,13 @@ smaller than the volume, an existing non-empty file, or a file that backs a loop
 from __future__ import annotations
 
 import errno
-import fcntl
 import glob
 import os
 import stat
-import struct
 from dataclasses import dataclass
 
 from umbra.errors import TargetBusy, TargetError, TargetTooSmall
-
-BLKZEROOUT = 0x127F
-_ZERO_CHUNK = bytes(1 << 20)
+from umbra.volume.blockio import pwrite_all, zero_device
 
 
 def loop_backing_files() -> dict[str, str]:
@@ -40,25 +36,12 @@ class Target:
     is_block_device: bool
 
     def write_at(self, offset: int, data: bytes | memoryview) -> None:
-        view = memoryview(data)
-        while view:
-            n = os.pwrite(self.fd, view, offset)
-            view, offset = view[n:], offset + n
+        pwrite_all(self.fd, data, offset)
 
     def zero_range(self, offset: int, length: int) -> None:
         """Make a range read as zeros (only block devices need this: files start as holes)."""
-        if not self.is_block_device or length <= 0:
-            return
-        try:
-            fcntl.ioctl(self.fd, BLKZEROOUT, struct.pack("QQ", offset, length))
-            return
-        except OSError:
-            pass  # not supported by this device: write zeros below
-        end = offset + length
-        while offset < end:
-            n = min(len(_ZERO_CHUNK), end - offset)
-            self.write_at(offset, _ZERO_CHUNK[:n])
-            offset += n
+        if self.is_block_device and length > 0:
+            zero_device(self.fd, offset, length)
 
     def finish(self) -> None:
         os.fsync(self.fd)

@@ -6,13 +6,26 @@ import errno
 import os
 import stat
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Union
+from typing import Protocol
 
 from umbra.errors import SourceError, SourceReadError
 from umbra.volume.extents import Extent
 
 SEEK_DATA = getattr(os, "SEEK_DATA", 3)
 SEEK_HOLE = getattr(os, "SEEK_HOLE", 4)
+
+
+class Source(Protocol):
+    """What the backup reads from: an image file or device (:class:`FileSource`), or an NBD
+    export (``umbra.frontends.nbd.client.NbdSource``)."""
+
+    path: str
+    size: int
+    is_block_device: bool
+
+    def read_at(self, offset: int, length: int) -> bytes: ...
+    def data_extents(self) -> list[Extent] | None: ...
+    def close(self) -> None: ...
 
 
 @dataclass
@@ -43,19 +56,7 @@ class FileSource:
             return None
         try:
             os.fsync(self.fd)
-            extents: list[Extent] = []
-            pos = 0
-            while pos < self.size:
-                try:
-                    start = os.lseek(self.fd, pos, SEEK_DATA)
-                except OSError as exc:
-                    if exc.errno == errno.ENXIO:
-                        break
-                    raise
-                end = min(os.lseek(self.fd, start, SEEK_HOLE), self.size)
-                extents.append((start, end))
-                pos = end
-            return extents
+            return data_extents(self.fd, 0, self.size)
         except OSError as exc:
             if exc.errno in (errno.EINVAL, errno.EOPNOTSUPP):
                 return None
@@ -71,16 +72,32 @@ class FileSource:
         self.close()
 
 
-def open_source(path: str) -> Source:
-    """Open an image file, a block device or an NBD export (``nbd://…``, ``nbd+unix://…``) for reading.
+def data_extents(fd: int, start: int, end: int) -> list[Extent]:
+    """Where a file has data between ``start`` and ``end`` (SEEK_DATA/SEEK_HOLE); raises OSError
+    (EINVAL, EOPNOTSUPP) where the filesystem cannot tell."""
+    extents: list[Extent] = []
+    pos = start
+    while pos < end:
+        try:
+            data = os.lseek(fd, pos, SEEK_DATA)
+        except OSError as exc:
+            if exc.errno == errno.ENXIO:  # nothing but a hole up to the end of the file
+                break
+            raise
+        if data >= end:
+            break
+        hole = min(os.lseek(fd, data, SEEK_HOLE), end)
+        extents.append((data, hole))
+        pos = hole
+    return extents
+
+
+def open_source(path: str) -> FileSource:
+    """Open an image file or block device for reading.
 
     Raises:
         SourceError: missing, unreadable, or neither a regular file nor a block device.
     """
-    from umbra.volume.nbdsource import is_nbd_uri, open_nbd
-
-    if is_nbd_uri(path):
-        return open_nbd(path)
     try:
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     except OSError as exc:
@@ -91,9 +108,3 @@ def open_source(path: str) -> Source:
         raise SourceError(path=path, reason="not an image file or block device")
     size = os.lseek(fd, 0, os.SEEK_END)
     return FileSource(path, fd, size, stat.S_ISBLK(st.st_mode))
-
-
-if TYPE_CHECKING:
-    from umbra.volume.nbdsource import NbdSource
-
-Source = Union[FileSource, "NbdSource"]

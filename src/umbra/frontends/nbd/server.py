@@ -92,10 +92,10 @@ class NbdServer:
         self.connections_total += 1
         session = _Session()
         try:
-            if await self._handshake(reader, writer, session):
-                await self._transmission(reader, writer, session)
-        except (_Closed, asyncio.IncompleteReadError, ConnectionError):
-            pass
+            # the client went away or broke the stream: just close this connection
+            with contextlib.suppress(_Closed, asyncio.IncompleteReadError, ConnectionError):
+                if await self._handshake(reader, writer, session):
+                    await self._transmission(reader, writer, session)
         except Exception:
             log.exception("NBD connection failed")
         finally:

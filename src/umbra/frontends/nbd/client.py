@@ -7,6 +7,7 @@ simple replies, sequential READ requests of at most 32 MiB.
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import struct
 import threading
@@ -14,18 +15,8 @@ from dataclasses import dataclass
 from urllib.parse import parse_qs, unquote, urlparse
 
 from umbra.errors import SourceError, SourceReadError
+from umbra.frontends.nbd import protocol as p
 from umbra.volume.extents import Extent
-
-NBDMAGIC = 0x4E42444D41474943
-IHAVEOPT = 0x49484156454F5054
-OPT_REPLY_MAGIC = 0x3E889045565A9
-OPT_GO = 7
-REP_ACK = 1
-REP_INFO = 3
-REQUEST_MAGIC = 0x25609513
-SIMPLE_REPLY_MAGIC = 0x67446698
-CMD_READ, CMD_DISC = 0, 2
-MAX_READ = 32 << 20
 
 
 def is_nbd_uri(path: str) -> bool:
@@ -58,12 +49,12 @@ class NbdSource:
         try:
             with self._lock:
                 while len(out) < length:
-                    n = min(MAX_READ, length - len(out))
+                    n = min(p.MAX_PAYLOAD, length - len(out))
                     self._cookie += 1
-                    request = (REQUEST_MAGIC, 0, CMD_READ, self._cookie, offset + len(out), n)
-                    self.sock.sendall(struct.pack(">IHHQQI", *request))
-                    magic, err, cookie = struct.unpack(">IIQ", self._recv(16))
-                    if magic != SIMPLE_REPLY_MAGIC or cookie != self._cookie:
+                    request = (p.REQUEST_MAGIC, 0, p.CMD_READ, self._cookie, offset + len(out), n)
+                    self.sock.sendall(p.REQUEST.pack(*request))
+                    magic, err, cookie = p.SIMPLE_REPLY.unpack(self._recv(p.SIMPLE_REPLY.size))
+                    if magic != p.SIMPLE_REPLY_MAGIC or cookie != self._cookie:
                         raise ConnectionError("unexpected NBD reply")
                     if err:
                         raise SourceReadError(path=self.path, offset=offset + len(out), reason=f"NBD error {err}")
@@ -76,17 +67,9 @@ class NbdSource:
         return None
 
     def close(self) -> None:
-        try:
-            self.sock.sendall(struct.pack(">IHHQQI", REQUEST_MAGIC, 0, CMD_DISC, 0, 0, 0))
-        except OSError:
-            pass
+        with contextlib.suppress(OSError):  # the server went first: nothing to tell it
+            self.sock.sendall(p.REQUEST.pack(p.REQUEST_MAGIC, 0, p.CMD_DISC, 0, 0, 0))
         self.sock.close()
-
-    def __enter__(self) -> NbdSource:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
 
 def open_nbd(uri: str) -> NbdSource:
@@ -110,20 +93,20 @@ def open_nbd(uri: str) -> NbdSource:
     source = NbdSource(uri, sock, 0)
     try:
         magic, opt, _flags = struct.unpack(">QQH", source._recv(18))
-        if magic != NBDMAGIC or opt != IHAVEOPT:
+        if magic != p.NBDMAGIC or opt != p.IHAVEOPT:
             raise SourceError(path=uri, reason="not a fixed-newstyle NBD server")
-        sock.sendall(struct.pack(">I", 3))  # fixed newstyle, no zeroes
+        sock.sendall(struct.pack(">I", p.FLAG_C_FIXED_NEWSTYLE | p.FLAG_C_NO_ZEROES))
         name = export.encode()
         data = struct.pack(">I", len(name)) + name + struct.pack(">H", 0)
-        sock.sendall(struct.pack(">QII", IHAVEOPT, OPT_GO, len(data)) + data)
+        sock.sendall(p.OPTION_HEADER.pack(p.IHAVEOPT, p.OPT_GO, len(data)) + data)
         while True:
-            magic, _opt, kind, length = struct.unpack(">QIII", source._recv(20))
+            magic, _opt, kind, length = p.OPTION_REPLY.unpack(source._recv(p.OPTION_REPLY.size))
             payload = source._recv(length)
-            if magic != OPT_REPLY_MAGIC:
+            if magic != p.OPT_REPLY_MAGIC:
                 raise SourceError(path=uri, reason="bad NBD option reply")
-            if kind == REP_INFO and len(payload) >= 12 and struct.unpack_from(">H", payload)[0] == 0:
+            if kind == p.REP_INFO and len(payload) >= 12 and struct.unpack_from(">H", payload)[0] == p.INFO_EXPORT:
                 source.size = struct.unpack_from(">Q", payload, 2)[0]
-            elif kind == REP_ACK:
+            elif kind == p.REP_ACK:
                 return source
             elif kind & (1 << 31):
                 raise SourceError(path=uri, reason=f"export {export!r}: {payload.decode(errors='replace') or kind}")
