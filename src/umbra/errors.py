@@ -260,6 +260,27 @@ class DaemonUnavailable(ProtectError):
     exit_code = 55
 
 
+# --- serving points and volumes (export, mount) -------------------------------------------------
+
+
+class ServeError(UmbraError):
+    """cannot serve {name}: {reason}"""
+
+    exit_code = 60
+
+
+class FileSystemError(UmbraError):
+    """{point}: {reason}"""
+
+    exit_code = 61
+
+
+class ExtractError(UmbraError):
+    """cannot extract {path}: {reason}"""
+
+    exit_code = 62
+
+
 def all_error_classes() -> list[type[UmbraError]]:
     """Every UmbraError subclass, depth first, the base included."""
     out: list[type[UmbraError]] = []

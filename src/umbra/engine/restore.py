@@ -16,16 +16,12 @@ from typing import Any
 
 from umbra.engine.diff import tree_reader
 from umbra.engine.progress import NoProgress, Progress
-from umbra.errors import IntegrityError, ObjectMissing
 from umbra.repo.format import BlobType
-from umbra.repo.index import Location
 from umbra.repo.manifest import Point
-from umbra.repo.pack import pack_name
 from umbra.repo.repository import Repository
 from umbra.volume.sink import open_target
 
 GROUP_BLOCKS = 64
-MAX_GAP = 256 * 1024
 
 
 @dataclass
@@ -49,32 +45,10 @@ def fetch_blocks(repo: Repository, group: list[tuple[int, bytes]]) -> list[tuple
     """Load and verify the blocks of one group: (block number, data).
 
     Raises:
-        IntegrityError: naming the block, pack and offset of anything damaged or missing.
+        IntegrityError: naming the pack and offset of anything damaged or missing.
     """
-    by_pack: dict[str, list[tuple[Location, int, bytes]]] = {}
-    for b, bid in group:
-        loc = repo.locate(bid)
-        by_pack.setdefault(loc.pack_id, []).append((loc, b, bid))
-    out = []
-    for pack_id, items in by_pack.items():
-        items.sort(key=lambda it: it[0].offset)
-        i = 0
-        while i < len(items):
-            j = i + 1
-            while j < len(items) and items[j][0].offset - (items[j - 1][0].offset + items[j - 1][0].length) <= MAX_GAP:
-                j += 1
-            start = items[i][0].offset
-            end = max(loc.offset + loc.length for loc, _, _ in items[i:j])
-            try:
-                data = repo.backend.load(pack_name(pack_id), start, end - start)
-            except ObjectMissing:
-                raise IntegrityError(f"pack {pack_id} is missing (needed for block {items[i][1]})") from None
-            view = memoryview(data)
-            for loc, b, bid in items[i:j]:
-                envelope = view[loc.offset - start : loc.offset - start + loc.length]
-                out.append((b, repo.open_blob_at(BlobType.DATA, bid, loc, bytes(envelope))))
-            i = j
-    return out
+    blobs = repo.load_blobs(BlobType.DATA, (bid for _, bid in group))
+    return [(b, blobs[bid]) for b, bid in group]
 
 
 def run(

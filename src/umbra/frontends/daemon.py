@@ -157,7 +157,8 @@ class ProtectDaemon:
         from umbra.frontends.fuse import FuseBlockFiles  # pyfuse3 is only needed with --fuse
 
         assert self.volume is not None and self.opts.fuse_dir is not None
-        self.fuse = FuseBlockFiles(self.volume, self.opts.fuse_dir)
+        volume = self.volume
+        self.fuse = FuseBlockFiles(lambda: exports_of(volume), self.opts.fuse_dir, volume.name)
         self.fuse.start()
         if self.opts.loop:
             self.loop_device = self.fuse.attach_loop()
@@ -279,7 +280,7 @@ class ProtectDaemon:
         doc["created"] = iso(info.created_ns)
         doc["export"] = f"{vol.name}@{info.name}"
         doc["nbd"] = f"nbd+unix:///{vol.name}@{info.name}?socket={self.state / 'nbd.sock'}"
-        doc["fuse"] = str(self.fuse.image_path(info.name)) if self.fuse else None
+        doc["fuse"] = str(self.fuse.image_path(f"{self.opts.name}@{info.name}")) if self.fuse else None
         doc["protected_bytes"] = info.protected_chunks * vol.chunk_size
         doc["copied_bytes"] = info.copied_chunks * vol.chunk_size
         return doc

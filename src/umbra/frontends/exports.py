@@ -1,12 +1,18 @@
-"""Block views that front ends serve: the live protected volume and its read-only snapshots."""
+"""Block views that front ends serve: the live protected volume and its read-only snapshots, points
+of the repository, and a local overlay that makes any read-only view writable."""
 
 from __future__ import annotations
 
 import errno
+import os
+import threading
 from collections.abc import Iterator
 from typing import Protocol
 
+from umbra.cow.bitmap import Bitmap
 from umbra.cow.engine import CowVolume
+from umbra.repo.view import PointView
+from umbra.volume.blockio import pwrite_all
 from umbra.volume.source import data_extents
 
 Run = tuple[int, int, bool]  # start, end, has data (False: reads as zeros)
@@ -91,6 +97,117 @@ class SnapshotExport:
 
     def allocation(self, offset: int, length: int) -> Iterator[Run]:
         return self.volume.snapshot_allocation(self.snapshot, offset, length)
+
+
+class PointExport:
+    """A point of the repository, read-only, its blocks fetched on demand (:class:`PointView`)."""
+
+    read_only = True
+
+    def __init__(self, view: PointView, name: str) -> None:
+        self.view = view
+        self.name = name
+        self.size = view.size
+        self.description = f"umbra point {view.point.id} of {view.point.volume} ({view.point.time.isoformat()})"
+
+    def read(self, offset: int, length: int) -> bytes:
+        return self.view.read(offset, length)
+
+    def write(self, offset: int, data: bytes, fua: bool) -> None:
+        raise OSError(errno.EROFS, "points are read-only (export with --writable for an overlay)")
+
+    def zero(self, offset: int, length: int, fua: bool) -> None:
+        raise OSError(errno.EROFS, "points are read-only (export with --writable for an overlay)")
+
+    def flush(self) -> None:
+        return None  # nothing is ever written through a point
+
+    def allocation(self, offset: int, length: int) -> Iterator[Run]:
+        return self.view.allocation(offset, length)
+
+
+class OverlayExport:
+    """A read-only view made writable: written pages go to a sparse local file, the rest is read
+    from the view.  The base is never written; the overlay lives as long as this object."""
+
+    read_only = False
+    PAGE = 4096
+
+    def __init__(self, base: BlockExport, overlay_path: str) -> None:
+        self.base = base
+        self.name = base.name
+        self.size = base.size
+        self.description = f"{base.description}, writes kept in {overlay_path}"
+        self.path = overlay_path
+        self.fd = os.open(overlay_path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        os.ftruncate(self.fd, self.size)
+        self.pages = Bitmap(-(-self.size // self.PAGE))
+        self._lock = threading.Lock()  # page state and read-modify-write of partial pages
+        self.bytes_written = 0
+
+    def close(self, remove: bool = True) -> None:
+        os.close(self.fd)
+        if remove:
+            os.unlink(self.path)
+
+    def _runs(self, offset: int, length: int) -> Iterator[tuple[int, int, bool]]:
+        """(start, end, in overlay) runs of pages covering the byte range."""
+        end = offset + length
+        pos = offset
+        while pos < end:
+            page = pos // self.PAGE
+            inside = self.pages.test(page)
+            stop = pos
+            while stop < end and self.pages.test(stop // self.PAGE) == inside:
+                stop = min(end, (stop // self.PAGE + 1) * self.PAGE)
+            yield pos, stop, inside
+            pos = stop
+
+    def read(self, offset: int, length: int) -> bytes:
+        length = max(0, min(length, self.size - offset))
+        with self._lock:
+            runs = list(self._runs(offset, length))
+        parts = [
+            os.pread(self.fd, stop - start, start) if inside else self.base.read(start, stop - start)
+            for start, stop, inside in runs
+        ]
+        return b"".join(parts)
+
+    def write(self, offset: int, data: bytes, fua: bool) -> None:
+        if offset < 0 or offset + len(data) > self.size:
+            raise OSError(errno.ENOSPC, "write past the end of the volume")
+        if not data:
+            return
+        with self._lock:
+            first, last = offset // self.PAGE, (offset + len(data) - 1) // self.PAGE
+            for page in {first, last}:  # edge pages not yet in the overlay: copy the base in first
+                if not self.pages.test(page):
+                    start = page * self.PAGE
+                    pwrite_all(self.fd, self.base.read(start, min(self.PAGE, self.size - start)), start)
+            pwrite_all(self.fd, data, offset)
+            self.pages.set_range(first, last + 1)
+            self.bytes_written += len(data)
+        if fua:
+            os.fdatasync(self.fd)
+
+    def zero(self, offset: int, length: int, fua: bool) -> None:
+        step = 1 << 20
+        for pos in range(offset, offset + length, step):
+            self.write(pos, bytes(min(step, offset + length - pos)), fua=False)
+        if fua:
+            os.fdatasync(self.fd)
+
+    def flush(self) -> None:
+        os.fdatasync(self.fd)
+
+    def allocation(self, offset: int, length: int) -> Iterator[Run]:
+        with self._lock:
+            runs = list(self._runs(offset, length))
+        for start, stop, inside in runs:
+            if inside:
+                yield start, stop, True
+            else:
+                yield from self.base.allocation(start, stop - start)
 
 
 def exports_of(volume: CowVolume) -> dict[str, BlockExport]:

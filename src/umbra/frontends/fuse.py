@@ -1,4 +1,5 @@
-"""FUSE block files: ``DIR/V.img`` (read-write) and ``DIR/V@SNAPSHOT.img`` (read-only).
+"""FUSE block files: one ``DIR/NAME.img`` per block export (a protected volume ``V.img`` read-write,
+its snapshots ``V@SNAPSHOT.img`` and points of the repository read-only).
 
 pyfuse3 runs its trio loop in a thread of its own; each request hands the actual I/O to a worker
 thread (``trio.to_thread``), so reads and writes run in parallel and release the GIL.  Files are
@@ -16,52 +17,53 @@ import stat
 import subprocess
 import threading
 import time
+from collections.abc import Callable
 
 import pyfuse3
 import trio
 
-from umbra.cow.engine import CowVolume
-from umbra.errors import ProtectError, SnapshotFailed
+from umbra.errors import ServeError, UmbraError
+from umbra.frontends.exports import BlockExport
 
 ROOT = pyfuse3.ROOT_INODE
-VOLUME_INODE = 2
+FIRST_INODE = 2
 FUSE_WORKERS = 16
+Exports = Callable[[], dict[str, BlockExport]]
 
 
 class _Ops(pyfuse3.Operations):
-    def __init__(self, volume: CowVolume) -> None:
+    def __init__(self, exports: Exports) -> None:
         super().__init__()
-        self.volume = volume
-        self.snap_inodes: dict[str, int] = {}  # snapshot name -> inode (never reused while mounted)
-        self.next_inode = VOLUME_INODE + 1
+        self.exports = exports
+        self.current: dict[int, BlockExport] = {}  # inode -> export (inodes never reused while mounted)
+        self.inodes: dict[str, int] = {}  # export name -> inode
+        self.next_inode = FIRST_INODE
         self.lock = threading.Lock()
         self.started_ns = time.time_ns()
 
     # --- names -------------------------------------------------------------------------------
 
     def refresh(self) -> None:
-        live = {s.name for s in self.volume.snapshots() if s.failed is None}
+        live = self.exports()
         with self.lock:
-            for name in live - set(self.snap_inodes):
-                self.snap_inodes[name] = self.next_inode
-                self.next_inode += 1
-            for name in set(self.snap_inodes) - live:
-                del self.snap_inodes[name]
+            for name in set(self.inodes) - set(live):
+                del self.current[self.inodes.pop(name)]
+            for name, export in live.items():
+                if name not in self.inodes:
+                    self.inodes[name] = self.next_inode
+                    self.next_inode += 1
+                self.current[self.inodes[name]] = export
 
     def _entries(self) -> list[tuple[str, int]]:
         with self.lock:
-            snaps = sorted(self.snap_inodes.items(), key=lambda kv: kv[1])
-        return [(f"{self.volume.name}.img", VOLUME_INODE)] + [(f"{self.volume.name}@{n}.img", i) for n, i in snaps]
+            return sorted(((f"{name}.img", ino) for name, ino in self.inodes.items()), key=lambda kv: kv[1])
 
-    def _snapshot_of(self, inode: int) -> str | None:
-        """None for the volume's own file, else the snapshot's name (ENOENT if there is none)."""
-        if inode == VOLUME_INODE:
-            return None
+    def _export(self, inode: int) -> BlockExport:
         with self.lock:
-            for name, ino in self.snap_inodes.items():
-                if ino == inode:
-                    return name
-        raise pyfuse3.FUSEError(errno.ENOENT)
+            export = self.current.get(inode)
+        if export is None:
+            raise pyfuse3.FUSEError(errno.ENOENT)
+        return export
 
     def _attr(self, inode: int) -> pyfuse3.EntryAttributes:
         attr = pyfuse3.EntryAttributes()
@@ -73,12 +75,12 @@ class _Ops(pyfuse3.Operations):
             attr.st_mode = pyfuse3.ModeT(stat.S_IFDIR | 0o755)
             attr.st_nlink = 2
             return attr
-        snapshot = self._snapshot_of(inode)
-        attr.st_mode = pyfuse3.ModeT(stat.S_IFREG | (0o600 if snapshot is None else 0o400))
+        export = self._export(inode)
+        attr.st_mode = pyfuse3.ModeT(stat.S_IFREG | (0o400 if export.read_only else 0o600))
         attr.st_nlink = 1
-        attr.st_size = self.volume.size
+        attr.st_size = export.size
         attr.st_blksize = 4096
-        attr.st_blocks = -(-self.volume.size // 512)
+        attr.st_blocks = -(-export.size // 512)
         return attr
 
     # --- handlers ----------------------------------------------------------------------------
@@ -112,41 +114,43 @@ class _Ops(pyfuse3.Operations):
                 return
 
     async def open(self, inode: pyfuse3.InodeT, flags: pyfuse3.FlagT, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
-        snapshot = self._snapshot_of(inode)
-        if snapshot is not None and flags & (os.O_WRONLY | os.O_RDWR | os.O_TRUNC):
+        export = self._export(inode)
+        if export.read_only and flags & (os.O_WRONLY | os.O_RDWR | os.O_TRUNC):
             raise pyfuse3.FUSEError(errno.EROFS)
         if flags & os.O_TRUNC:
             raise pyfuse3.FUSEError(errno.EPERM)
         return pyfuse3.FileInfo(fh=pyfuse3.FileHandleT(inode), direct_io=True)
 
     async def read(self, fh: pyfuse3.FileHandleT, off: int, size: int) -> bytes:
-        size = max(0, min(size, self.volume.size - off))
+        export = self._export(fh)
+        size = max(0, min(size, export.size - off))
         if size == 0:
             return b""
-        snapshot = self._snapshot_of(fh)
         try:
-            if snapshot is None:
-                return await trio.to_thread.run_sync(self.volume.read, off, size)
-            return await trio.to_thread.run_sync(self.volume.read_snapshot, snapshot, off, size)
-        except SnapshotFailed as exc:
-            raise pyfuse3.FUSEError(errno.EIO) from exc
+            return await trio.to_thread.run_sync(export.read, off, size)
+        except UmbraError as exc:
+            raise pyfuse3.FUSEError(exc.errno) from exc
         except OSError as exc:
             raise pyfuse3.FUSEError(exc.errno or errno.EIO) from exc
 
     async def write(self, fh: pyfuse3.FileHandleT, off: int, buf: bytes) -> int:
-        if fh != VOLUME_INODE:
+        export = self._export(fh)
+        if export.read_only:
             raise pyfuse3.FUSEError(errno.EROFS)
-        if off + len(buf) > self.volume.size:
+        if off + len(buf) > export.size:
             raise pyfuse3.FUSEError(errno.ENOSPC)
         try:
-            await trio.to_thread.run_sync(self.volume.write, off, buf)
+            await trio.to_thread.run_sync(export.write, off, buf, False)
+        except UmbraError as exc:
+            raise pyfuse3.FUSEError(exc.errno) from exc
         except OSError as exc:
             raise pyfuse3.FUSEError(exc.errno or errno.EIO) from exc
         return len(buf)
 
     async def fsync(self, fh: pyfuse3.FileHandleT, datasync: bool) -> None:
-        if fh == VOLUME_INODE:
-            await trio.to_thread.run_sync(self.volume.flush)
+        export = self._export(fh)
+        if not export.read_only:
+            await trio.to_thread.run_sync(export.flush)
 
     async def flush(self, fh: pyfuse3.FileHandleT) -> None:
         return None  # close(2) is not a durability point; fsync is
@@ -165,14 +169,15 @@ class _Ops(pyfuse3.Operations):
         fh: pyfuse3.FileHandleT | None,
         ctx: pyfuse3.RequestContext,
     ) -> pyfuse3.EntryAttributes:
-        if fields.update_size and attr.st_size != self.volume.size:
+        if fields.update_size and inode != ROOT and attr.st_size != self._export(inode).size:
             raise pyfuse3.FUSEError(errno.EPERM)  # a block file has the volume's size
         return self._attr(inode)
 
     async def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:
         st = pyfuse3.StatvfsData()
         st.f_bsize = st.f_frsize = 4096
-        st.f_blocks = -(-self.volume.size // 4096)
+        with self.lock:
+            st.f_blocks = sum(-(-e.size // 4096) for e in self.current.values())
         st.f_files = len(self._entries())
         st.f_namemax = 255
         return st
@@ -181,19 +186,18 @@ class _Ops(pyfuse3.Operations):
 class FuseBlockFiles:
     """Mount the block files at ``directory`` in a thread of their own; optional loop device."""
 
-    def __init__(self, volume: CowVolume, directory: os.PathLike[str] | str) -> None:
-        self.volume = volume
+    def __init__(self, exports: Exports, directory: os.PathLike[str] | str, name: str) -> None:
+        self.name = name  # the default export (the one --loop attaches) and the mount's fsname
         self.directory = os.fspath(directory)
-        self.ops = _Ops(volume)
+        self.ops = _Ops(exports)
         self.loop_device: str | None = None
         self._thread: threading.Thread | None = None
         self._token: trio.lowlevel.TrioToken | None = None
         self._started = threading.Event()
         self._error: BaseException | None = None
 
-    def image_path(self, snapshot: str | None = None) -> str:
-        name = self.volume.name if snapshot is None else f"{self.volume.name}@{snapshot}"
-        return os.path.join(self.directory, f"{name}.img")
+    def image_path(self, export: str | None = None) -> str:
+        return os.path.join(self.directory, f"{export or self.name}.img")
 
     def refresh(self) -> None:
         self.ops.refresh()
@@ -206,17 +210,17 @@ class FuseBlockFiles:
 
     def start(self) -> None:
         os.makedirs(self.directory, exist_ok=True)
-        options = set(pyfuse3.default_options) | {f"fsname=umbra-{self.volume.name}", "subtype=umbra"}
+        options = set(pyfuse3.default_options) | {f"fsname=umbra-{self.name}", "subtype=umbra"}
         try:
             pyfuse3.init(self.ops, self.directory, options)
         except RuntimeError as exc:
-            raise ProtectError(volume=self.volume.name, reason=f"cannot mount FUSE at {self.directory}: {exc}") from exc
+            raise ServeError(name=self.name, reason=f"cannot mount FUSE at {self.directory}: {exc}") from exc
         self.ops.refresh()
         self._thread = threading.Thread(target=self._run, name="umbra-fuse", daemon=True)
         self._thread.start()
         self._started.wait()
         if self._error is not None:
-            raise ProtectError(volume=self.volume.name, reason=f"FUSE failed: {self._error}")
+            raise ServeError(name=self.name, reason=f"FUSE failed: {self._error}")
 
     def _run(self) -> None:
         async def main() -> None:
@@ -230,6 +234,11 @@ class FuseBlockFiles:
             self._error = exc
             self._started.set()
 
+    @property
+    def running(self) -> bool:
+        """False once the FUSE loop has ended (for example after ``umount`` from outside)."""
+        return self._thread is not None and self._thread.is_alive()
+
     def attach_loop(self) -> str:
         """``losetup`` the read-write block file; returns ``/dev/loopN``."""
         proc = subprocess.run(
@@ -239,7 +248,7 @@ class FuseBlockFiles:
             check=False,
         )
         if proc.returncode != 0:
-            raise ProtectError(volume=self.volume.name, reason=f"losetup failed: {proc.stderr.strip()}")
+            raise ServeError(name=self.name, reason=f"losetup failed: {proc.stderr.strip()}")
         self.loop_device = proc.stdout.strip()
         return self.loop_device
 

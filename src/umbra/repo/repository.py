@@ -10,7 +10,7 @@ import base64
 import json
 import logging
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -51,6 +51,7 @@ from umbra.repo.pointref import PointRef, parse_point_ref
 from umbra.repo.tree import LoadNode, TreeReader
 
 ENCRYPTION_MODES = ("aes-256-gcm", "none")
+MAX_GAP = 256 * 1024  # coalesce blob reads in a pack across gaps up to this size
 log = logging.getLogger(__name__)
 
 
@@ -239,6 +240,34 @@ class Repository:
             raise IntegrityError(f"pack {loc.pack_id} is missing (needed for blob {blob_id.hex()[:16]})") from None
         return self.open_blob_at(blob_type, blob_id, loc, envelope)
 
+    def load_blobs(self, blob_type: BlobType, blob_ids: Iterable[bytes], max_gap: int = MAX_GAP) -> dict[bytes, bytes]:
+        """Load and verify several blobs, reading each pack once per run of nearby blobs (gaps up to
+        ``max_gap`` bytes are read and thrown away rather than paying for another read).
+
+        Raises:
+            IntegrityError: naming the pack and offset of anything damaged or missing.
+        """
+        by_pack: dict[str, list[tuple[Location, bytes]]] = {}
+        for blob_id in dict.fromkeys(blob_ids):
+            loc = self.locate(blob_id)
+            by_pack.setdefault(loc.pack_id, []).append((loc, blob_id))
+        out: dict[bytes, bytes] = {}
+        for pack_id, items in by_pack.items():
+            items.sort(key=lambda it: it[0].offset)
+            for run in _nearby_runs(items, max_gap):
+                start = run[0][0].offset
+                end = max(loc.offset + loc.length for loc, _ in run)
+                try:
+                    data = self.backend.load(pack_name(pack_id), start, end - start)
+                except ObjectMissing:
+                    needed = run[0][1].hex()[:16]
+                    raise IntegrityError(f"pack {pack_id} is missing (needed for blob {needed})") from None
+                view = memoryview(data)
+                for loc, blob_id in run:
+                    envelope = bytes(view[loc.offset - start : loc.offset - start + loc.length])
+                    out[blob_id] = self.open_blob_at(blob_type, blob_id, loc, envelope)
+        return out
+
     def load_tree_node(self, node_id: bytes) -> bytes:
         return self.load_blob(BlobType.TREE, node_id)
 
@@ -345,6 +374,18 @@ class Repository:
             self.backend.delete(f"keys/{old}")
         self.key_id = new_id
         return new_id
+
+
+def _nearby_runs(items: list[tuple[Location, bytes]], max_gap: int) -> Iterator[list[tuple[Location, bytes]]]:
+    """Split blobs sorted by offset into runs whose gaps are at most ``max_gap`` bytes."""
+    run: list[tuple[Location, bytes]] = []
+    for item in items:
+        if run and item[0].offset - (run[-1][0].offset + run[-1][0].length) > max_gap:
+            yield run
+            run = []
+        run.append(item)
+    if run:
+        yield run
 
 
 def utc_now() -> datetime:

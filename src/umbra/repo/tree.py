@@ -93,7 +93,8 @@ class TreeReader:
         self._load = load_node
         self.root, self.height, self.fanout, self.nblocks = root, height, fanout, nblocks
 
-    def _entries(self, node_id: bytes, level: int, first: int) -> list[bytes]:
+    def entries(self, node_id: bytes, level: int, first: int) -> list[bytes]:
+        """The entries of the node at ``level`` whose first block is ``first``, checked against the geometry."""
         what = f"tree node {node_id.hex()[:16]}"
         got_level, ids = decode_node(self._load(node_id), what)
         span = self.fanout**level
@@ -112,7 +113,7 @@ class TreeReader:
             count = min(self.fanout, -(-(self.nblocks - first) // span))
             children = [ZERO_ID] * count
         else:
-            children = self._entries(node_id, level, first)
+            children = self.entries(node_id, level, first)
         for k, child in enumerate(children):
             yield from self._walk(child, level - 1, first + k * span, stop)
 
@@ -126,7 +127,7 @@ class TreeReader:
         """The block ids of one leaf (all ``ZERO_ID`` for a zero leaf)."""
         if leaf_id == ZERO_ID:
             return [ZERO_ID] * min(self.fanout, self.nblocks - first)
-        return self._entries(leaf_id, 0, first)
+        return self.entries(leaf_id, 0, first)
 
     def blocks(self) -> Iterator[tuple[int, bytes]]:
         """(block number, block id) of every non-zero block, in order; zero subtrees are skipped."""

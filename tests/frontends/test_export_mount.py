@@ -1,0 +1,191 @@
+"""``umbra export`` (a point as an NBD disk, read-only or with an overlay) and ``umbra mount`` (a point
+as a FUSE image file), against qemu-img, qemu-io, nbdinfo, nbdcopy and a read-only loop mount."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import requires
+from tests.engine.helpers import do_backup, restored, write_at
+from umbra.repo.backends import LocalBackend
+from umbra.repo.repository import Repository
+from umbra.testing.volumes import make_ext4, make_tree
+
+MiB = 1 << 20
+
+
+def umbra(*args: str, repo: Path, check: bool = True) -> subprocess.CompletedProcess[str]:
+    env = dict(os.environ, UMBRA_REPO=str(repo), UMBRA_PASSWORD="secret")
+    proc = subprocess.run([sys.executable, "-m", "umbra", *args], capture_output=True, text=True, env=env, timeout=120)
+    if check:
+        assert proc.returncode == 0, proc.stderr
+    return proc
+
+
+class Running:
+    """An ``umbra export`` or ``umbra mount`` process, ready once ``ready_path`` exists."""
+
+    def __init__(self, args: list[str], repo: Path, ready_path: Path, log: Path) -> None:
+        env = dict(os.environ, UMBRA_REPO=str(repo), UMBRA_PASSWORD="secret")
+        self.log = log
+        with open(log, "wb") as out:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "umbra", *args], stdout=out, stderr=subprocess.STDOUT, env=env
+            )
+        deadline = time.monotonic() + 60
+        while not ready_path.exists():
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise AssertionError(f"did not start: {log.read_text()}")
+            time.sleep(0.05)
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(60)
+
+
+def run(*args: str) -> str:
+    proc = subprocess.run(list(args), capture_output=True, text=True, timeout=120, check=False)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return proc.stdout
+
+
+@pytest.fixture
+def points(tmp_path: Path) -> Iterator[tuple[Path, Path]]:
+    """A repository with two points of an 8 MiB volume; the restores of both."""
+    repo_dir = tmp_path / "repo"
+    repo = Repository.init(LocalBackend(repo_dir), "secret", block_size=64 * 1024)
+    vol = tmp_path / "vol.img"
+    with open(vol, "wb") as f:
+        f.truncate(8 * MiB)
+    write_at(vol, 0, os.urandom(MiB))
+    write_at(vol, 5 * MiB + 123, b"first point" * 1000)
+    first = do_backup(repo, vol, all_blocks=True)
+    write_at(vol, 5 * MiB, b"\x07" * MiB)
+    do_backup(repo, vol, type_="incremental", all_blocks=True)
+    yield repo_dir, restored(repo, first, tmp_path / "first.img")
+
+
+def test_export_serves_an_older_point_to_real_clients(points: tuple[Path, Path], tmp_path: Path) -> None:
+    requires("qemu-img", "nbdinfo", "nbdcopy")
+    repo, first = points
+    sock = tmp_path / "nbd.sock"
+    first_id = json.loads(umbra("list", "--json", repo=repo).stdout)[0]["id"]
+    served = Running(["export", first_id[:10], "--nbd", f"unix:{sock}", "--name", "disk"], repo, sock, tmp_path / "l")
+    try:
+        uri = f"nbd+unix:///disk?socket={sock}"
+        run("qemu-img", "compare", "-f", "raw", "-F", "raw", str(first), uri)
+        run("nbdcopy", "--connections=4", uri, str(tmp_path / "copy.img"))
+        assert (tmp_path / "copy.img").read_bytes() == first.read_bytes()
+        extents = json.loads(run("nbdinfo", "--map", "--json", uri))
+        holes = [(e["offset"], e["length"]) for e in extents if e["type"] & 1]
+        assert (MiB, 4 * MiB) in holes  # never-written blocks are reported as holes
+        assert "serving point" in tmp_path.joinpath("l").read_text()
+    finally:
+        assert served.stop() == 0
+
+
+def test_writable_export_keeps_writes_in_the_overlay_only(points: tuple[Path, Path], tmp_path: Path) -> None:
+    requires("qemu-io", "qemu-img")
+    repo, _ = points
+    latest = tmp_path / "latest.img"
+    umbra("restore", "v@latest", str(latest), repo=repo)
+    sock, overlay = tmp_path / "nbd.sock", tmp_path / "overlay"
+    args = ["export", "v@latest", "--nbd", f"unix:{sock}", "--writable", "--overlay", str(overlay)]
+    served = Running(args, repo, sock, tmp_path / "w.log")
+    uri = f"nbd+unix:///v?socket={sock}"
+    try:
+        out = run(
+            "qemu-io", "-f", "raw", uri,
+            "-c", "write -P 0xab 1000 70000",  # unaligned: edge pages come from the point
+            "-c", "read -P 0xab 1000 70000",
+            "-c", "write -z 6M 64k",
+        )  # fmt: skip
+        assert "read 70000/70000" in out
+        expected = bytearray(latest.read_bytes())
+        expected[1000:71000] = b"\xab" * 70000
+        expected[6 * MiB : 6 * MiB + 65536] = bytes(65536)
+        run("qemu-img", "convert", "-f", "raw", "-O", "raw", uri, str(tmp_path / "now.img"))
+        assert (tmp_path / "now.img").read_bytes() == bytes(expected)
+    finally:
+        assert served.stop() == 0
+    assert overlay.exists()  # --overlay is kept
+    served = Running(["export", "v@latest", "--nbd", f"unix:{sock}"], repo, sock, tmp_path / "r.log")
+    try:
+        run("qemu-img", "compare", "-f", "raw", "-F", "raw", str(latest), uri)  # the point is unchanged
+        proc = subprocess.run(["qemu-io", "-f", "raw", uri, "-c", "write 0 4k"], capture_output=True, text=True)
+        assert proc.returncode != 0 or "failed" in proc.stdout + proc.stderr
+    finally:
+        served.stop()
+
+
+def test_export_errors_are_clear(points: tuple[Path, Path], tmp_path: Path) -> None:
+    repo, _ = points
+    proc = umbra("export", "v@latest", "--overlay", str(tmp_path / "o"), repo=repo, check=False)
+    assert proc.returncode == 5 and "--writable" in proc.stderr
+    (tmp_path / "exists").write_bytes(b"x")
+    args = ["export", "v@latest", "--writable", "--overlay", str(tmp_path / "exists"), "--nbd", "unix:/nonexistent/s"]
+    proc = umbra(*args, repo=repo, check=False)
+    assert proc.returncode == 5 and "already exists" in proc.stderr
+    proc = umbra("export", "v@latest", "--nbd", "unix:/nonexistent/dir/sock", repo=repo, check=False)
+    assert proc.returncode == 60 and "cannot serve NBD" in proc.stderr and "Traceback" not in proc.stderr
+    proc = umbra("export", "nosuch@latest", repo=repo, check=False)
+    assert proc.returncode == 23
+    proc = umbra("mount", "v@latest", str(tmp_path / "missing-dir"), repo=repo, check=False)
+    assert proc.returncode == 5 and "not a directory" in proc.stderr
+
+
+def test_mount_holds_a_shared_lock(points: tuple[Path, Path], tmp_path: Path) -> None:
+    """While a point is served, prune cannot remove its data."""
+    requires("root")
+    repo, _ = points
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    mounted = Running(["mount", "v@latest", str(mnt)], repo, mnt / "v.img", tmp_path / "m.log")
+    try:
+        proc = umbra("prune", "--keep-last", "1", repo=repo, check=False)
+        assert proc.returncode == 13, proc.stderr  # RepositoryLocked
+    finally:
+        assert mounted.stop() == 0
+    assert not (mnt / "v.img").exists()  # unmounted on SIGTERM
+
+
+@pytest.mark.root
+@pytest.mark.loopdev
+def test_mount_image_file_loop_mounts_read_only(tmp_path: Path) -> None:
+    requires("root", "loop", "mkfs.ext4")
+    tree = make_tree(tmp_path / "tree", seed=4, files=20)
+    image = make_ext4(tmp_path / "fs.img", 48 * MiB, tree)
+    repo_dir = tmp_path / "repo"
+    repo = Repository.init(LocalBackend(repo_dir), "secret")
+    point = do_backup(repo, image, volume="fs")
+    full = restored(repo, point, tmp_path / "restored.img")
+    mnt, fs = tmp_path / "mnt", tmp_path / "fs"
+    mnt.mkdir()
+    fs.mkdir()
+    mounted = Running(["mount", "fs@latest", str(mnt)], repo_dir, mnt / "fs.img", tmp_path / "m.log")
+    try:
+        assert (mnt / "fs.img").stat().st_size == 48 * MiB
+        run("cmp", str(mnt / "fs.img"), str(full))
+        run("mount", "-o", "ro,loop", str(mnt / "fs.img"), str(fs))
+        try:
+            for f in tree.rglob("*"):
+                if f.is_file():
+                    assert (fs / f.relative_to(tree)).read_bytes() == f.read_bytes()
+        finally:
+            run("umount", str(fs))
+        with pytest.raises(OSError):
+            open(mnt / "fs.img", "r+b").close()  # read-only
+        run("umount", str(mnt))  # unmounting from outside ends the command
+        assert mounted.proc.wait(30) == 0
+    finally:
+        mounted.stop()
