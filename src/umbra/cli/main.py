@@ -11,7 +11,7 @@ from typing import Annotated
 import typer
 
 from umbra import __version__
-from umbra.cli import backup, init_keys, maintenance, points, protect, restore, serve_points, shadow
+from umbra.cli import backup, files, init_keys, maintenance, points, protect, restore, serve_points, shadow
 from umbra.errors import EXIT_INTERNAL, UmbraError
 
 app = typer.Typer(
@@ -58,6 +58,8 @@ app.add_typer(protect.snapshot_app, name="snapshot")
 app.command()(protect.journal)
 app.command()(serve_points.export)
 app.command()(serve_points.mount)
+app.command()(files.ls)
+app.command()(files.extract)
 
 
 @app.command()

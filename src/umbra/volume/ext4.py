@@ -142,3 +142,108 @@ def used_extents(read: Reader, geo: Ext4Geometry) -> list[Extent]:
         bitmap = read(block_bitmap * bs, -(-nblocks // 8))
         used += [((start + a) * bs, (start + b) * bs) for a, b in bitmap_runs(bitmap, nblocks)]
     return subtract(merge(used), merge(unused_inodes))
+
+
+# --- inodes and extended attributes (file restore reads what pytsk3 does not expose) ----------
+
+XATTR_MAGIC = 0xEA020000
+XATTR_PREFIXES = {
+    1: b"user.",
+    2: b"system.posix_acl_access",
+    3: b"system.posix_acl_default",
+    4: b"trusted.",
+    6: b"security.",
+    7: b"system.",
+    8: b"system.richacl",
+}
+GOOD_OLD_INODE_SIZE = 128
+
+
+def read_inode(read: Reader, geo: Ext4Geometry, inode: int) -> bytes:
+    """The on-disk bytes of inode number ``inode``."""
+    group, index = divmod(inode - 1, geo.inodes_per_group)
+    if inode < 1 or group >= geo.groups:
+        raise ValueError(f"inode {inode} is outside the filesystem")
+    d = read((geo.first_data_block + 1) * geo.block_size + group * geo.desc_size, geo.desc_size)
+    (table,) = struct.unpack_from("<I", d, 8)
+    if geo.desc_size >= 64:
+        table |= struct.unpack_from("<I", d, 0x28)[0] << 32
+    return read(table * geo.block_size + index * geo.inode_size, geo.inode_size)
+
+
+XattrValue = bytes | int  # the value, or the number of the inode that holds it (ea_inode feature)
+
+
+def _xattr_entries(buf: bytes, start: int, values_base: int, what: str) -> list[tuple[bytes, XattrValue]]:
+    out: list[tuple[bytes, XattrValue]] = []
+    pos = start
+    while pos + 16 <= len(buf) and struct.unpack_from("<I", buf, pos)[0] != 0:
+        name_len, index, value_offs, value_inum, value_size = struct.unpack_from("<BBHII", buf, pos)
+        name = buf[pos + 16 : pos + 16 + name_len]
+        if len(name) != name_len:
+            raise ValueError(f"{what}: extended attribute entry runs past its area")
+        full = XATTR_PREFIXES.get(index, b"") + name if index in XATTR_PREFIXES else None
+        if value_inum:
+            value: XattrValue = value_inum
+        else:
+            value = buf[values_base + value_offs : values_base + value_offs + value_size]
+            if len(value) != value_size:
+                raise ValueError(f"{what}: extended attribute value runs past its area")
+        if full is not None:  # unknown name indexes (e.g. Lustre's) have no name Linux can set
+            out.append((full, value))
+        pos += (16 + name_len + 3) & ~3
+    return out
+
+
+def inode_xattrs(read: Reader, geo: Ext4Geometry, raw: bytes, inode: int) -> list[tuple[bytes, XattrValue]]:
+    """Extended attributes of an inode: those stored inside it, then those in its xattr block."""
+    out: list[tuple[bytes, XattrValue]] = []
+    what = f"inode {inode}"
+    if len(raw) > GOOD_OLD_INODE_SIZE + 4:
+        (extra,) = struct.unpack_from("<H", raw, GOOD_OLD_INODE_SIZE)
+        body = GOOD_OLD_INODE_SIZE + extra
+        if body + 4 <= len(raw) and struct.unpack_from("<I", raw, body)[0] == XATTR_MAGIC:
+            out += _xattr_entries(raw, body + 4, body + 4, what)
+    block = struct.unpack_from("<I", raw, 0x68)[0] | struct.unpack_from("<H", raw, 0x76)[0] << 32
+    if block:
+        if block >= geo.blocks_count:
+            raise ValueError(f"{what}: extended attribute block {block} is outside the filesystem")
+        buf = read(block * geo.block_size, geo.block_size)
+        if struct.unpack_from("<I", buf, 0)[0] != XATTR_MAGIC:
+            raise ValueError(f"{what}: extended attribute block {block} has a bad magic")
+        out += _xattr_entries(buf, 32, 0, what)
+    return out
+
+
+def device_number(raw: bytes) -> tuple[int, int]:
+    """(major, minor) of a character or block device inode (old and new encodings)."""
+    old, new = struct.unpack_from("<II", raw, 40)
+    if old:
+        return (old >> 8) & 0xFF, old & 0xFF
+    return (new & 0xFFF00) >> 8, (new & 0xFF) | ((new >> 12) & 0xFFF00)
+
+
+ACL_USER, ACL_GROUP = 0x02, 0x08
+ACL_UNDEFINED_ID = 0xFFFFFFFF
+
+
+def acl_to_xattr(value: bytes) -> bytes:
+    """ext4 stores POSIX ACLs in a compact form; the xattr interface wants ``posix_acl_xattr``."""
+    if len(value) < 4 or struct.unpack_from("<I", value, 0)[0] != 1:
+        raise ValueError("not an ext4 ACL")
+    out = [struct.pack("<I", 2)]
+    pos = 4
+    while pos < len(value):
+        if pos + 4 > len(value):
+            raise ValueError("truncated ext4 ACL")
+        tag, perm = struct.unpack_from("<HH", value, pos)
+        if tag in (ACL_USER, ACL_GROUP):
+            if pos + 8 > len(value):
+                raise ValueError("truncated ext4 ACL")
+            (ident,) = struct.unpack_from("<I", value, pos + 4)
+            pos += 8
+        else:
+            ident = ACL_UNDEFINED_ID
+            pos += 4
+        out.append(struct.pack("<HHI", tag, perm, ident))
+    return b"".join(out)
