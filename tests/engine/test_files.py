@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import requires
-from tests.engine.helpers import do_backup
+from tests.engine.helpers import assert_same_tree, do_backup, special_tree
 from umbra.engine import files
 from umbra.errors import ExtractError, FileSystemError
 from umbra.repo.backends import LocalBackend
@@ -22,43 +22,6 @@ from umbra.repo.repository import Repository
 from umbra.testing.volumes import debugfs, make_ext4
 
 MiB = 1 << 20
-LONG_NAME = "ü" * 127  # 254 bytes of UTF-8
-
-
-def special_tree(root: Path) -> Path:
-    """Every kind of file ``ls``/``extract`` must get right."""
-    rng = random.Random(42)
-    (root / "dir" / "sub" / "deeper").mkdir(parents=True)
-    (root / "plain.txt").write_text("hello umbra\n")
-    (root / "empty").write_bytes(b"")
-    (root / "random.bin").write_bytes(rng.randbytes(300_000))
-    (root / "dir" / "sub" / "deeper" / "nested.bin").write_bytes(rng.randbytes(70_000))
-    with open(root / "sparse.img", "wb") as f:
-        f.seek(3 * MiB)
-        f.write(b"tail")
-        f.seek(100)
-        f.write(b"head")
-    os.link(root / "plain.txt", root / "dir" / "hardlink.txt")
-    os.symlink("../plain.txt", root / "dir" / "rel-link")
-    os.symlink("/etc/hostname", root / "abs-link")
-    os.symlink("t" * 200, root / "long-link")  # a slow symlink: the target lives in a data block
-    os.symlink("does-not-exist", root / "dangling")
-    os.mkfifo(root / "fifo")
-    (root / LONG_NAME).write_text("long unicode name")
-    (root / "名前 with spaces").write_text("spaces")
-    (root / "setuid").write_text("#!/bin/sh\n")
-    os.chmod(root / "setuid", 0o4755)
-    os.chmod(root / "dir" / "sub", 0o750)
-    os.setxattr(root / "plain.txt", "user.colour", b"blue")
-    os.setxattr(root / "dir", "user.big", b"x" * 2000)  # too big for the inode: an xattr block
-    for i, path in enumerate(sorted(root.rglob("*"))):
-        if not path.is_symlink():
-            os.utime(path, (1_700_000_000 + i, 1_600_000_000 + i))
-    if os.geteuid() == 0:
-        os.chown(root / "random.bin", 1234, 5678)
-        os.lchown(root / "dir" / "rel-link", 42, 43)
-        os.mknod(root / "null-dev", 0o640 | stat.S_IFCHR, os.makedev(1, 3))
-    return root
 
 
 @pytest.fixture
@@ -68,33 +31,6 @@ def image_point(tmp_path: Path) -> tuple[Repository, object, Path]:
     image = make_ext4(tmp_path / "fs.img", 64 * MiB, tree, garbage=False)
     repo = Repository.init(LocalBackend(tmp_path / "repo"), "secret")
     return repo, do_backup(repo, image, volume="fs"), tree
-
-
-def assert_same_tree(src: Path, dst: Path, owners: bool) -> None:
-    src_inodes: dict[int, str] = {}
-    dst_inodes: dict[int, str] = {}
-    names = sorted(p.relative_to(src) for p in src.rglob("*"))
-    assert names == sorted(p.relative_to(dst) for p in dst.rglob("*") if p.name != "lost+found")
-    for rel in names:
-        a, b = os.lstat(src / rel), os.lstat(dst / rel)
-        assert stat.S_IFMT(a.st_mode) == stat.S_IFMT(b.st_mode), rel
-        if not stat.S_ISLNK(a.st_mode):
-            assert stat.S_IMODE(a.st_mode) == stat.S_IMODE(b.st_mode), rel
-            assert int(a.st_mtime) == int(b.st_mtime), rel  # mkfs -d keeps whole seconds
-        if owners:
-            assert (a.st_uid, a.st_gid) == (b.st_uid, b.st_gid), rel
-        if stat.S_ISREG(a.st_mode):
-            assert (src / rel).read_bytes() == (dst / rel).read_bytes(), rel
-            if a.st_nlink > 1:  # hard links stay hard links
-                assert b.st_nlink == a.st_nlink
-                assert src_inodes.setdefault(a.st_ino, str(rel)) == dst_inodes.setdefault(b.st_ino, str(rel))
-        if stat.S_ISLNK(a.st_mode):
-            assert os.readlink(src / rel) == os.readlink(dst / rel), rel
-        if stat.S_ISCHR(a.st_mode):
-            assert a.st_rdev == b.st_rdev
-        if not stat.S_ISLNK(a.st_mode):
-            for name in os.listxattr(src / rel):
-                assert os.getxattr(dst / rel, name) == os.getxattr(src / rel, name), (rel, name)
 
 
 def test_extract_everything_equals_the_source_tree(image_point, tmp_path: Path) -> None:

@@ -1,5 +1,6 @@
 """``umbra export`` (a point as an NBD disk, read-only or with an overlay) and ``umbra mount`` (a point
-as a FUSE image file), against qemu-img, qemu-io, nbdinfo, nbdcopy and a read-only loop mount."""
+as a FUSE image file, or its files), against qemu-img, qemu-io, nbdinfo, nbdcopy and a read-only
+loop mount."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import requires
-from tests.engine.helpers import do_backup, restored, write_at
+from tests.engine.helpers import assert_same_tree, do_backup, restored, special_tree, write_at
 from umbra.repo.backends import LocalBackend
 from umbra.repo.repository import Repository
 from umbra.testing.volumes import make_ext4, make_tree
@@ -186,6 +187,26 @@ def test_mount_image_file_loop_mounts_read_only(tmp_path: Path) -> None:
         with pytest.raises(OSError):
             open(mnt / "fs.img", "r+b").close()  # read-only
         run("umount", str(mnt))  # unmounting from outside ends the command
+        assert mounted.proc.wait(30) == 0
+    finally:
+        mounted.stop()
+
+
+def test_mount_files_shows_the_tree_without_a_loop_device(tmp_path: Path) -> None:
+    requires("root", "mkfs.ext4")  # FUSE mounts need root (or fusermount3) here
+    tree = special_tree(tmp_path / "tree")
+    image = make_ext4(tmp_path / "fs.img", 32 * MiB, tree, garbage=False)
+    repo_dir = tmp_path / "repo"
+    do_backup(Repository.init(LocalBackend(repo_dir), "secret"), image, volume="fs")
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    mounted = Running(["mount", "fs@latest", str(mnt), "--files"], repo_dir, mnt / "plain.txt", tmp_path / "m.log")
+    try:
+        assert_same_tree(tree, mnt, owners=True)
+        with pytest.raises(OSError):
+            (mnt / "new-file").write_text("read-only")
+        assert "its ext4 files" in (tmp_path / "m.log").read_text()
+        run("umount", str(mnt))
         assert mounted.proc.wait(30) == 0
     finally:
         mounted.stop()

@@ -18,6 +18,7 @@ from umbra.frontends.serve import ServeOptions, serve
 from umbra.repo.manifest import Point
 from umbra.repo.repository import Repository
 from umbra.repo.view import PointView
+from umbra.volume.filesystem import FileSystem
 
 PointArgument = Annotated[str, typer.Argument(help="Point: id prefix, VOLUME@latest or VOLUME@TIME.")]
 
@@ -96,21 +97,29 @@ def export(
 def mount(
     point: PointArgument,
     directory: Annotated[str, typer.Argument(help="Empty directory to mount on.")],
+    files: Annotated[
+        bool, typer.Option("--files", help="Mount the filesystem's files instead of the image (no loop device).")
+    ] = False,
     repo: RepoOption = None,
     json_out: JsonOption = False,
 ) -> None:
-    """Mount a point as a read-only image file DIR/VOLUME.img (loop-mountable) until unmounted or Ctrl-C."""
+    """Mount a point read-only until unmounted or Ctrl-C: the image file DIR/VOLUME.img
+    (loop-mountable), or with --files the files inside it."""
     if not os.path.isdir(directory):
         raise UsageError(f"mount point {directory} is not a directory")
     with _point_export(repo, point) as (_, p, export_):
+        tree = FileSystem(export_.view.read, p.size, f"point {p.short_id} of {p.volume}") if files else None
 
         def ready(doc: dict[str, Any]) -> None:
             doc.update(point=p.id, volume=p.volume, size=p.size, mountpoint=directory)
+            what = f"its {tree.type_name} files" if tree is not None else ", ".join(doc["files"])
+            if tree is not None:
+                doc["filesystem"] = tree.type_name
             _announce(
                 json_out,
                 doc,
-                f"umbra: point {p.short_id} of {p.volume} mounted at {directory}: {', '.join(doc['files'])} "
+                f"umbra: point {p.short_id} of {p.volume} mounted at {directory}: {what} "
                 f"(read-only; `umount {directory}` or Ctrl-C to stop)",
             )
 
-        serve(ServeOptions({p.volume: export_}, p.volume, fuse_dir=directory), ready)
+        serve(ServeOptions({p.volume: export_}, p.volume, fuse_dir=directory, fuse_tree=tree), ready)

@@ -183,39 +183,34 @@ class _Ops(pyfuse3.Operations):
         return st
 
 
-class FuseBlockFiles:
-    """Mount the block files at ``directory`` in a thread of their own; optional loop device."""
+class FuseMount:
+    """One pyfuse3 mount served from a thread of its own (pyfuse3 allows one per process)."""
 
-    def __init__(self, exports: Exports, directory: os.PathLike[str] | str, name: str) -> None:
-        self.name = name  # the default export (the one --loop attaches) and the mount's fsname
+    def __init__(
+        self, ops: pyfuse3.Operations, directory: os.PathLike[str] | str, name: str, read_only: bool = False
+    ) -> None:
+        self.ops = ops
+        self.name = name  # the mount's fsname (and, for block files, the default export)
         self.directory = os.fspath(directory)
-        self.ops = _Ops(exports)
-        self.loop_device: str | None = None
+        self.read_only = read_only
         self._thread: threading.Thread | None = None
         self._token: trio.lowlevel.TrioToken | None = None
         self._started = threading.Event()
         self._error: BaseException | None = None
 
-    def image_path(self, export: str | None = None) -> str:
-        return os.path.join(self.directory, f"{export or self.name}.img")
-
-    def refresh(self) -> None:
-        self.ops.refresh()
-        if self._token is not None:  # drop the kernel's cached directory listing
-            trio.from_thread.run_sync(self._invalidate, trio_token=self._token)
-
-    def _invalidate(self) -> None:
-        with contextlib.suppress(OSError):  # nothing cached yet
-            pyfuse3.invalidate_inode(ROOT, attr_only=False)
+    def _prepare(self) -> None:
+        """Runs just before the loop starts (block files list their exports here)."""
 
     def start(self) -> None:
         os.makedirs(self.directory, exist_ok=True)
         options = set(pyfuse3.default_options) | {f"fsname=umbra-{self.name}", "subtype=umbra"}
+        if self.read_only:
+            options.add("ro")
         try:
             pyfuse3.init(self.ops, self.directory, options)
         except RuntimeError as exc:
             raise ServeError(name=self.name, reason=f"cannot mount FUSE at {self.directory}: {exc}") from exc
-        self.ops.refresh()
+        self._prepare()
         self._thread = threading.Thread(target=self._run, name="umbra-fuse", daemon=True)
         self._thread.start()
         self._started.wait()
@@ -239,6 +234,41 @@ class FuseBlockFiles:
         """False once the FUSE loop has ended (for example after ``umount`` from outside)."""
         return self._thread is not None and self._thread.is_alive()
 
+    def stop(self) -> None:
+        if self._token is not None and self._thread is not None and self._thread.is_alive():
+            with contextlib.suppress(trio.RunFinishedError):  # it ended on its own meanwhile
+                trio.from_thread.run_sync(pyfuse3.terminate, trio_token=self._token)
+            self._thread.join(timeout=30)
+        try:
+            pyfuse3.close(unmount=True)
+        except (RuntimeError, OSError):
+            subprocess.run(["umount", "-l", self.directory], capture_output=True, check=False)
+        self._token = None
+
+
+class FuseBlockFiles(FuseMount):
+    """Block files ``DIR/NAME.img`` of the exports; optionally the default one loop-attached."""
+
+    def __init__(self, exports: Exports, directory: os.PathLike[str] | str, name: str) -> None:
+        self.block_ops = _Ops(exports)
+        super().__init__(self.block_ops, directory, name)
+        self.loop_device: str | None = None
+
+    def image_path(self, export: str | None = None) -> str:
+        return os.path.join(self.directory, f"{export or self.name}.img")
+
+    def _prepare(self) -> None:
+        self.block_ops.refresh()
+
+    def refresh(self) -> None:
+        self.block_ops.refresh()
+        if self._token is not None:  # drop the kernel's cached directory listing
+            trio.from_thread.run_sync(self._invalidate, trio_token=self._token)
+
+    def _invalidate(self) -> None:
+        with contextlib.suppress(OSError):  # nothing cached yet
+            pyfuse3.invalidate_inode(ROOT, attr_only=False)
+
     def attach_loop(self) -> str:
         """``losetup`` the read-write block file; returns ``/dev/loopN``."""
         proc = subprocess.run(
@@ -256,12 +286,4 @@ class FuseBlockFiles:
         if self.loop_device is not None:
             subprocess.run(["losetup", "-d", self.loop_device], capture_output=True, check=False)
             self.loop_device = None
-        if self._token is not None and self._thread is not None and self._thread.is_alive():
-            with contextlib.suppress(trio.RunFinishedError):  # it ended on its own meanwhile
-                trio.from_thread.run_sync(pyfuse3.terminate, trio_token=self._token)
-            self._thread.join(timeout=30)
-        try:
-            pyfuse3.close(unmount=True)
-        except (RuntimeError, OSError):
-            subprocess.run(["umount", "-l", self.directory], capture_output=True, check=False)
-        self._token = None
+        super().stop()

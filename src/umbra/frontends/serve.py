@@ -12,6 +12,7 @@ from typing import Any
 from umbra.errors import ServeError
 from umbra.frontends.exports import BlockExport
 from umbra.frontends.nbd.server import NbdServer
+from umbra.volume.filesystem import FileSystem
 
 POLL_S = 0.2
 
@@ -21,7 +22,8 @@ class ServeOptions:
     exports: dict[str, BlockExport]
     default_export: str
     nbd: list[str] = field(default_factory=list)
-    fuse_dir: str | None = None
+    fuse_dir: str | None = None  # block files of the exports here ...
+    fuse_tree: FileSystem | None = None  # ... or, if set, this filesystem's files
 
 
 def serve(opts: ServeOptions, ready: Callable[[dict[str, Any]], None] | None = None) -> None:
@@ -48,15 +50,21 @@ async def _serve(opts: ServeOptions, ready: Callable[[dict[str, Any]], None] | N
                     raise ServeError(name=opts.default_export, reason=reason) from exc
         if opts.fuse_dir is not None:
             from umbra.frontends.fuse import FuseBlockFiles  # pyfuse3 only when mounting
+            from umbra.frontends.fuse_tree import FuseFileTree
 
-            fuse = FuseBlockFiles(lambda: opts.exports, opts.fuse_dir, opts.default_export)
+            if opts.fuse_tree is not None:
+                fuse = FuseFileTree(opts.fuse_tree, opts.fuse_dir, opts.default_export)
+            else:
+                fuse = FuseBlockFiles(lambda: opts.exports, opts.fuse_dir, opts.default_export)
             await loop.run_in_executor(None, fuse.start)
         if ready is not None:
             ready(
                 {
                     "exports": sorted(opts.exports),
                     "nbd": bound,
-                    "files": [fuse.image_path(name) for name in sorted(opts.exports)] if fuse else [],
+                    "files": [fuse.image_path(name) for name in sorted(opts.exports)]
+                    if fuse is not None and opts.fuse_tree is None
+                    else [],
                 }
             )
         while not stop.is_set():

@@ -24,6 +24,7 @@ from umbra.volume import ext4
 log = logging.getLogger(__name__)
 Reader = Callable[[int, int], bytes]
 READ_CHUNK = 1 << 20
+OPEN_FILES = 64
 
 _KIND = {
     pytsk3.TSK_FS_META_TYPE_REG: "file",
@@ -138,6 +139,7 @@ class FileSystem:
         self._geo = ext4.read_geometry(read, size) if self._ext else None
         self.root_inode = int(self._fs.info.root_inum)
         self.bytes_read = 0
+        self._open_files: dict[int, Any] = {}  # inode -> TSK file, for read_at
 
     def _detect(self, image: _ReaderImage) -> Any:
         """Try each family in turn.  TSK's own all-type detection also probes for YAFFS2 (a flash
@@ -255,6 +257,24 @@ class FileSystem:
             self.bytes_read += n
             yield offset, data
             offset += n
+
+    def read_at(self, entry: Entry, offset: int, size: int) -> bytes:
+        """Up to ``size`` bytes of a regular file at ``offset`` (random access, for FUSE)."""
+        size = max(0, min(size, entry.size - offset))
+        if size == 0:
+            return b""
+        f = self._open_files.get(entry.inode)
+        if f is None:
+            f = self._open_files[entry.inode] = self._open(entry.inode)
+            while len(self._open_files) > OPEN_FILES:
+                self._open_files.pop(next(iter(self._open_files)))
+        try:
+            data = bytes(f.read_random(offset, size))
+        except OSError as exc:
+            reason = f"cannot read {entry.path.decode(errors='replace')} at {offset}: {exc}"
+            raise FileSystemError(point=self.label, reason=reason) from None
+        self.bytes_read += len(data)
+        return data
 
     def xattrs(self, entry: Entry) -> list[tuple[bytes, bytes]]:
         """Extended attributes as the xattr interface names them (ext2/3/4 only; none elsewhere)."""
