@@ -54,7 +54,7 @@ def test_records_come_back_in_order_with_increasing_times(tmp_path: Path) -> Non
 
 def test_torn_tail_is_cut_to_the_longest_valid_prefix(tmp_path: Path) -> None:
     _fill(tmp_path / "j", 50)
-    (seg,) = sorted((tmp_path / "j").iterdir())
+    (seg,) = sorted((tmp_path / "j").glob("seg-*"))
     full = seg.read_bytes()
     journal = Journal.open(tmp_path / "j", SIZE)
     records = [(r.seq, r.offset, r.data) for r in journal.records()]
@@ -65,7 +65,7 @@ def test_torn_tail_is_cut_to_the_longest_valid_prefix(tmp_path: Path) -> None:
         ends.append(pos)
     rng = random.Random(1)
     for cut in [*rng.sample(range(ends[0] - 10, len(full)), 40), ends[10], ends[10] + 1, len(full) - 1]:
-        for p in (tmp_path / "j").iterdir():
+        for p in (tmp_path / "j").glob("seg-*"):
             p.unlink()
         seg.write_bytes(full[:cut])
         journal = Journal.open(tmp_path / "j", SIZE)
@@ -79,7 +79,7 @@ def test_torn_tail_is_cut_to_the_longest_valid_prefix(tmp_path: Path) -> None:
 
 def test_damage_in_the_middle_is_reported_not_truncated(tmp_path: Path) -> None:
     _fill(tmp_path / "j", 50)
-    (seg,) = sorted((tmp_path / "j").iterdir())
+    (seg,) = sorted((tmp_path / "j").glob("seg-*"))
     data = bytearray(seg.read_bytes())
     data[len(data) // 2] ^= 0x40
     seg.write_bytes(bytes(data))
@@ -90,7 +90,7 @@ def test_damage_in_the_middle_is_reported_not_truncated(tmp_path: Path) -> None:
 
 def test_damage_in_a_sealed_segment_is_reported(tmp_path: Path) -> None:
     _fill(tmp_path / "j", 200, segment_bytes=32 * 1024)
-    first = sorted((tmp_path / "j").iterdir())[0]
+    first = sorted((tmp_path / "j").glob("seg-*"))[0]
     data = bytearray(first.read_bytes())
     data[-3] ^= 1  # last record of a sealed segment
     first.write_bytes(bytes(data))
@@ -100,7 +100,7 @@ def test_damage_in_a_sealed_segment_is_reported(tmp_path: Path) -> None:
 
 def test_missing_segment_is_reported(tmp_path: Path) -> None:
     _fill(tmp_path / "j", 200, segment_bytes=32 * 1024)
-    sorted((tmp_path / "j").iterdir())[1].unlink()
+    sorted((tmp_path / "j").glob("seg-*"))[1].unlink()
     with pytest.raises(JournalCorrupt, match="out of sequence"):
         Journal.open(tmp_path / "j", SIZE)
 
@@ -123,8 +123,32 @@ def test_size_limit_drops_the_oldest_segments(tmp_path: Path) -> None:
         journal.append_write(i, os.urandom(1000))
     stats = journal.stats()
     assert stats.bytes <= 64 * 1024 + 16 * 1024
-    assert sum(p.stat().st_size for p in (tmp_path / "j").iterdir()) == stats.bytes
+    assert sum(p.stat().st_size for p in (tmp_path / "j").glob("seg-*")) == stats.bytes
     seqs = [r.seq for r in journal.records(with_data=False)]
     assert seqs == list(range(seqs[0], 201)) and seqs[0] > 1
     assert stats.first_ns == next(journal.records()).time_ns
+    journal.close()
+
+
+def test_id_names_one_sequence_space_and_unshipped_segments_are_kept(tmp_path: Path) -> None:
+    journal = Journal.open(tmp_path / "j", SIZE, segment_bytes=16 * 1024, max_bytes=48 * 1024)
+    first_id = journal.id
+    journal.keep_after = 10  # records after 10 are not shipped yet
+    for i in range(200):
+        journal.append_write(i, os.urandom(1000))
+    assert next(r.seq for r in journal.records(with_data=False)) <= 11  # nothing unshipped was dropped
+    assert journal.last_seq == 200
+    journal.keep_after = 150
+    journal.enforce_limit()
+    seqs = [r.seq for r in journal.records(with_data=False)]
+    assert 11 < seqs[0] <= 151 and seqs[-1] == 200
+    assert [r.seq for r in journal.records(with_data=False, after_seq=190)] == list(range(191, 201))
+    journal.close()
+    journal = Journal.open(tmp_path / "j", SIZE)
+    assert journal.id == first_id  # same sequence space after a restart
+    journal.close()
+    for p in (tmp_path / "j").glob("seg-*"):
+        p.unlink()
+    journal = Journal.open(tmp_path / "j", SIZE)
+    assert journal.id != first_id  # starting again from sequence 1: a new id
     journal.close()

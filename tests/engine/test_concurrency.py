@@ -51,7 +51,8 @@ def test_parallel_backups_share_blocks(tmp_path: Path) -> None:
     def stored() -> int:
         return sum(p.stat().st_size for p in (tmp_path / "repo" / "data").rglob("*") if p.is_file())
 
-    assert stored() > 12 * 4_000_000  # simultaneous backups cannot see each other's new blocks
+    # backups that overlap in time cannot see each other's new blocks, so the shared half is stored
+    # more than once (how often depends on scheduling; tests/repo/test_prune.py forces the case)
     pr = subprocess.run([*cli, "prune", "--keep-last", "1"], env=env, capture_output=True)
     assert pr.returncode == 0, pr.stderr
     unique = 8 * 4_000_000 + 4_000_000

@@ -35,7 +35,7 @@ def image_point(tmp_path: Path) -> tuple[Repository, object, Path]:
 
 def test_extract_everything_equals_the_source_tree(image_point, tmp_path: Path) -> None:
     repo, point, tree = image_point
-    _, fs = files.open_filesystem(repo, point)
+    _, _, fs = files.open_filesystem(repo, point.id)
     result = files.extract(fs, "/", str(tmp_path / "out"))
     assert_same_tree(tree, tmp_path / "out", owners=os.geteuid() == 0)
     assert result.counts["hard links"] == 1 and result.counts["symlinks"] == 4
@@ -44,7 +44,7 @@ def test_extract_everything_equals_the_source_tree(image_point, tmp_path: Path) 
 
 def test_extract_one_file_and_one_directory(image_point, tmp_path: Path) -> None:
     repo, point, tree = image_point
-    _, fs = files.open_filesystem(repo, point)
+    _, _, fs = files.open_filesystem(repo, point.id)
     files.extract(fs, "/dir/sub", str(tmp_path / "a"))
     assert (tmp_path / "a" / "sub" / "deeper" / "nested.bin").read_bytes() == (
         tree / "dir" / "sub" / "deeper" / "nested.bin"
@@ -69,7 +69,7 @@ def test_extract_reads_only_the_blocks_it_needs(tmp_path: Path) -> None:
     image = make_ext4(tmp_path / "fs.img", 128 * MiB, tree, garbage=False)
     repo = Repository.init(LocalBackend(tmp_path / "repo"), "secret")
     point = do_backup(repo, image, volume="fs")
-    view, fs = files.open_filesystem(repo, point)
+    _, view, fs = files.open_filesystem(repo, point.id)
     files.extract(fs, "/small.txt", str(tmp_path / "out"))
     assert (tmp_path / "out" / "small.txt").read_bytes() == b"needle" * 1000
     assert view.bytes_fetched < 0.01 * point.size, view.bytes_fetched
@@ -77,7 +77,7 @@ def test_extract_reads_only_the_blocks_it_needs(tmp_path: Path) -> None:
 
 def test_ls_lists_names_types_and_targets(image_point) -> None:
     repo, point, tree = image_point
-    _, fs = files.open_filesystem(repo, point)
+    _, _, fs = files.open_filesystem(repo, point.id)
     top = {e.name.decode(): e for e in fs.children(fs.root())}
     assert set(top) == {p.name for p in tree.iterdir()} | {"lost+found"}
     assert top["fifo"].kind == "fifo" and top["abs-link"].link_target == b"/etc/hostname"
@@ -157,7 +157,7 @@ def test_hostile_names_and_symlink_tricks_stay_inside_dest(tmp_path: Path) -> No
     patch_name(image, b"DD\x00", b"..\x00")
     repo = Repository.init(LocalBackend(tmp_path / "repo"), "secret")
     point = do_backup(repo, image, volume="fs")
-    _, fs = files.open_filesystem(repo, point)
+    _, _, fs = files.open_filesystem(repo, point.id)
     dest = tmp_path / "dest" / "inner"
     result = files.extract(fs, "/", str(dest))
     warnings = "\n".join(result.warnings)

@@ -10,6 +10,7 @@ import pytest
 from tests.engine.helpers import do_backup, restored, sha, write_at
 from umbra.repo.backends import LocalBackend
 from umbra.repo.check import check
+from umbra.repo.index import Index
 from umbra.repo.prune import prune
 from umbra.repo.repository import Repository
 from umbra.repo.retention import Policy
@@ -86,3 +87,27 @@ def test_gc_keeps_blocks_of_a_point_whose_base_is_pruned(repo: Repository, tmp_p
     hashes = history(repo, tmp_path, 2)
     prune(repo, Policy(keep_last=1))
     verify_all(repo, hashes, tmp_path)
+
+
+def test_prune_removes_copies_that_concurrent_backups_stored_twice(
+    repo: Repository, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A backup that loaded the index before another stored its blocks stores them again (as
+    truly simultaneous backups do); prune keeps one copy of each."""
+    shared = random.Random(1).randbytes(400_000)
+    images = []
+    for i in range(2):
+        img = tmp_path / f"v{i}.img"
+        img.write_bytes(shared + random.Random(i + 10).randbytes(100_000))
+        images.append(img)
+    first = do_backup(repo, images[0], volume="a")
+    monkeypatch.setattr(Repository, "load_index", lambda self: Index())  # sees nothing stored yet
+    second = do_backup(repo, images[1], volume="b")
+    monkeypatch.undo()
+    twice = repo_size(tmp_path / "repo")
+    assert twice > 2 * 400_000  # the shared blocks are stored twice
+    prune(repo, Policy(keep_last=1))
+    assert repo_size(tmp_path / "repo") < twice - 300_000
+    for point, img in ((first, images[0]), (second, images[1])):
+        assert sha(restored(repo, repo.load_point(point.id), tmp_path / "r.img")) == sha(img)
+    assert check(repo, read_data=True).ok

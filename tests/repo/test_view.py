@@ -108,5 +108,5 @@ def test_damaged_block_is_an_integrity_error(repo: Repository, tmp_path: Path) -
     raw[loc.offset + 20] ^= 0xFF
     pack.write_bytes(bytes(raw))
     with pytest.raises(IntegrityError):
-        PointView(repo, point).blocks([target])
+        PointView(repo, point).blobs([target])
     assert repo.load_blobs(BlobType.DATA, []) == {}

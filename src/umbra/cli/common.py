@@ -9,6 +9,7 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
+from datetime import datetime
 from typing import Annotated, Any
 
 import typer
@@ -23,6 +24,7 @@ from rich.progress import (
 
 from umbra.errors import PassphraseMissing, UsageError
 from umbra.repo.backends import open_backend
+from umbra.repo.cdp import Instant
 from umbra.repo.repository import Repository
 
 RepoOption = Annotated[
@@ -84,6 +86,20 @@ def new_passphrase() -> str:
 def open_repository(location: str | None) -> Iterator[Repository]:
     repo = Repository.open(open_backend(require_repo(location)), passphrase)
     yield repo
+
+
+def warn_if_journal_behind(inst: Instant) -> None:
+    """Say so when TIME lies past the newest write shipped for the volume: a write made later and
+    not shipped yet (see the lag in `umbra status`) cannot be in the result."""
+    p = inst.point
+    if not p.cdp.get("journal") or inst.time_ns <= p.state_time_ns:
+        return
+    through = inst.journal_through_ns
+    if through is None:
+        stderr.print(f"warning: no journal of {p.volume} was shipped after point {p.short_id}: this is that point")
+    elif inst.time_ns > through:
+        when = datetime.fromtimestamp(through / 1e9).astimezone().isoformat(timespec="milliseconds")
+        stderr.print(f"note: the newest write shipped for {p.volume} is from {when}")
 
 
 def emit_json(doc: Any) -> None:

@@ -35,8 +35,7 @@ def ls(
 ) -> None:
     """List files inside a point's filesystem (ext2/3/4, FAT, exFAT, NTFS, ...) without mounting it."""
     with open_repository(repo) as r:
-        p = r.resolve(point)
-        _, fs = engine_files.open_filesystem(r, p)
+        p, _, fs = engine_files.open_filesystem(r, point)
         top = fs.lookup(path)
         if recursive:
             entries = list(engine_files.walk(fs, top))[1:] if top.kind == "dir" else [top]
@@ -59,8 +58,7 @@ def extract(
 ) -> None:
     """Restore files from a point's filesystem into DEST, reading only the blocks they need."""
     with open_repository(repo) as r:
-        p = r.resolve(point)
-        view, fs = engine_files.open_filesystem(r, p)
+        p, view, fs = engine_files.open_filesystem(r, point)
         result = engine_files.extract(fs, path, dest)
     for warning in result.warnings:
         stderr.print(f"warning: {warning}", markup=False)

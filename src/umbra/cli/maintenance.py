@@ -29,6 +29,7 @@ def check(
                 "errors": result.errors,
                 "warnings": result.warnings,
                 "points": result.points,
+                "journal_batches": result.journal_batches,
                 "packs": result.packs,
                 "blobs_verified": result.blobs,
                 "bytes_read": result.bytes_read,
@@ -41,6 +42,7 @@ def check(
             stderr.print(f"error: {e}")
         stdout.print(
             f"{result.points} points, {result.packs} packs"
+            + (f", {result.journal_batches} journal batches" if result.journal_batches else "")
             + (f", {result.blobs} blobs verified ({human_bytes(result.bytes_read)} read)" if read_data else "")
             + (": no errors" if result.ok else f": {len(result.errors)} errors")
         )

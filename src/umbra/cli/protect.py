@@ -9,8 +9,10 @@ from typing import Annotated, Any
 import typer
 from rich.table import Table
 
-from umbra.cli.common import JsonOption, emit_json, human_bytes, parse_size, stdout
+from umbra.cli.common import JsonOption, emit_json, human_bytes, parse_size, passphrase, stdout
 from umbra.frontends.control import ControlClient, state_dir_for
+from umbra.repo.backends import open_backend
+from umbra.repo.repository import Repository
 
 StateOption = Annotated[
     str | None,
@@ -41,6 +43,10 @@ def protect(
     ] = None,
     journal_max: Annotated[str | None, typer.Option(help="Drop the oldest journal segments past this size.")] = None,
     no_journal: Annotated[bool, typer.Option("--no-journal", help="Do not keep a CDP journal.")] = False,
+    repo: Annotated[
+        str | None,
+        typer.Option("--repo", "-r", help="Ship the CDP journal into this repository continuously (VOLUME@TIME)."),
+    ] = None,
     json_out: JsonOption = False,
 ) -> None:
     """Serve SOURCE as protected volume NAME until SIGTERM: every write passes through umbra."""
@@ -61,6 +67,7 @@ def protect(
         store_limit=parse_size(store_limit) if store_limit else None,
         journal=not no_journal,
         journal_max=parse_size(journal_max) if journal_max else None,
+        repo=Repository.open(open_backend(repo), passphrase) if repo else None,
     )
 
     def ready(doc: dict[str, Any]) -> None:
@@ -134,6 +141,13 @@ def _print_journal(j: dict[str, Any]) -> None:
         f"  journal: {j['records']} records in {j['segments']} segments, {human_bytes(j['bytes'])}; "
         f"{j['first'] or '-'} .. {j['last'] or '-'}; write rate {rate}"
     )
+    ship = j.get("shipping")
+    if ship:
+        state = f"PAUSED ({ship['last_error']})" if ship["last_error"] else "ok"
+        stdout.print(
+            f"  shipping: {state}; shipped through record {ship['shipped_seq']}, {ship['pending_records']} pending, "
+            f"lag {ship['lag_s']:.3f} s; {ship['batches']} batches, {human_bytes(ship['bytes_shipped'])}"
+        )
 
 
 snapshot_app = typer.Typer(help="Snapshots of a protected volume.", no_args_is_help=True)

@@ -6,8 +6,19 @@ from typing import Annotated
 
 import typer
 
-from umbra.cli.common import JsonOption, RepoOption, RichProgress, emit_json, human_bytes, open_repository, stdout
+from umbra.cli.common import (
+    JsonOption,
+    RepoOption,
+    RichProgress,
+    emit_json,
+    human_bytes,
+    open_repository,
+    stdout,
+    warn_if_journal_behind,
+)
 from umbra.engine import restore as engine_restore
+from umbra.repo.cdp import extent_map, instant
+from umbra.repo.pointref import parse_point_ref
 
 
 def restore(
@@ -19,12 +30,17 @@ def restore(
 ) -> None:
     """Restore a point to a file or block device, in one pass."""
     with open_repository(repo) as r:
-        p = r.resolve(point)
-        result = engine_restore.run(r, p, target, force, RichProgress(not json_out))
+        inst = instant(r, parse_point_ref(point))
+        warn_if_journal_behind(inst)
+        p = inst.point
+        extents = extent_map(inst.records, p.size) if inst.records else None
+        result = engine_restore.run(r, p, target, force, RichProgress(not json_out), extents=extents)
+    journal = {"records": len(inst.records), "until_ns": inst.time_ns} if inst.records else None
     if json_out:
-        emit_json({"point": p.id, "target": target, "stats": result.stats})
+        emit_json({"point": p.id, "target": target, "stats": result.stats, "journal": journal})
         return
+    replay = f" + {len(inst.records)} journal records" if inst.records else ""
     stdout.print(
-        f"restored point {p.id[:8]} of {p.volume} to {target}: {human_bytes(p.size)}, "
+        f"restored point {p.id[:8]} of {p.volume}{replay} to {target}: {human_bytes(p.size)}, "
         f"{human_bytes(result.stats['bytes_written'])} of data in {result.stats['duration_s']:.2f} s"
     )

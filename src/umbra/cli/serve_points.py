@@ -11,13 +11,13 @@ from typing import Annotated, Any
 
 import typer
 
-from umbra.cli.common import JsonOption, RepoOption, emit_json, human_bytes, open_repository
+from umbra.cli.common import JsonOption, RepoOption, emit_json, human_bytes, open_repository, warn_if_journal_behind
 from umbra.errors import UsageError
 from umbra.frontends.exports import BlockExport, OverlayExport, PointExport
 from umbra.frontends.serve import ServeOptions, serve
 from umbra.repo.manifest import Point
 from umbra.repo.repository import Repository
-from umbra.repo.view import PointView
+from umbra.repo.view import open_state
 from umbra.volume.filesystem import FileSystem
 
 PointArgument = Annotated[str, typer.Argument(help="Point: id prefix, VOLUME@latest or VOLUME@TIME.")]
@@ -26,10 +26,10 @@ PointArgument = Annotated[str, typer.Argument(help="Point: id prefix, VOLUME@lat
 @contextlib.contextmanager
 def _point_export(repo: str | None, point: str) -> Iterator[tuple[Repository, Point, PointExport]]:
     """The point's read-only export, under a shared lock so that prune cannot remove its data."""
-    with open_repository(repo) as r:
-        p = r.resolve(point)
-        with r.lock(exclusive=False):
-            yield r, p, PointExport(PointView(r, p), p.volume)
+    with open_repository(repo) as r, r.lock(exclusive=False):
+        inst, view = open_state(r, point)
+        warn_if_journal_behind(inst)
+        yield r, inst.point, PointExport(view, inst.point.volume)
 
 
 def _announce(json_out: bool, doc: dict[str, Any], line: str) -> None:

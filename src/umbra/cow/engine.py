@@ -48,6 +48,10 @@ class WriteLog(Protocol):
     def append_zero(self, offset: int, length: int) -> int: ...
     def append_mark(self, kind: str, name: str) -> int: ...
     def commit(self) -> None: ...
+    @property
+    def last_seq(self) -> int: ...
+    @property
+    def id(self) -> str: ...
 
 
 @dataclass
@@ -58,6 +62,7 @@ class _Snap:
     copies: dict[int, int] = field(default_factory=dict)  # chunk -> difference store slot
     generation: str | None = None
     changed_since: dict[str, Bitmap] = field(default_factory=dict)  # frozen tracking bitmaps
+    journal_seq: int | None = None  # the sequence number of the snapshot's journal mark
     failed: str | None = None
 
 
@@ -69,6 +74,7 @@ class SnapshotInfo:
     protected_chunks: int
     copied_chunks: int
     failed: str | None
+    journal_seq: int | None = None
 
 
 class CowVolume:
@@ -201,7 +207,8 @@ class CowVolume:
                     protected.set_range(start // self.chunk_size, -(-end // self.chunk_size))
                 generation, frozen = self.tracker.start_generation() if self.tracker else (None, {})
                 created = self.journal.append_mark("snapshot", name) if self.journal else time.time_ns()
-                snap = _Snap(name, created, protected, generation=generation, changed_since=frozen)
+                seq = self.journal.last_seq if self.journal else None  # appends happen under this lock
+                snap = _Snap(name, created, protected, generation=generation, changed_since=frozen, journal_seq=seq)
                 self._snaps[name] = snap
                 return self._info(snap)
             finally:
@@ -313,7 +320,13 @@ class CowVolume:
 
     def _info(self, snap: _Snap) -> SnapshotInfo:
         return SnapshotInfo(
-            snap.name, snap.created_ns, snap.generation, snap.protected.count(), len(snap.copies), snap.failed
+            snap.name,
+            snap.created_ns,
+            snap.generation,
+            snap.protected.count(),
+            len(snap.copies),
+            snap.failed,
+            snap.journal_seq,
         )
 
     def _chunk_len(self, c: int) -> int:
@@ -344,6 +357,7 @@ class CowVolume:
                     "protected": _pack(s.protected),
                     "copies": [[c, slot] for c, slot in s.copies.items()],
                     "changed_since": {g: _pack(b) for g, b in s.changed_since.items()},
+                    "journal_seq": s.journal_seq,
                 }
                 for s in self._snaps.values()
                 if s.failed is None
@@ -359,6 +373,7 @@ class CowVolume:
                     {int(c): int(slot) for c, slot in d["copies"]},
                     d["generation"],
                     {g: _unpack(b, self.nchunks) for g, b in d["changed_since"].items()},
+                    journal_seq=d.get("journal_seq"),
                 )
                 self._snaps[snap.name] = snap
 

@@ -109,6 +109,8 @@ class Journal:
         self._stats = JournalStats(0, 0, 0, None, None, 0, 0)
         self._stop = threading.Event()
         self._committer: threading.Thread | None = None
+        self.id = ""
+        self.keep_after: int | None = None  # records after this seq are not shipped yet: never drop them
 
     # --- opening and recovery ----------------------------------------------------------------
 
@@ -117,11 +119,26 @@ class Journal:
         directory.mkdir(parents=True, exist_ok=True)
         journal = cls(directory, volume_size, **options)  # type: ignore[arg-type]
         journal._recover()
+        journal._load_id()
         journal._start_segment()
         if not journal.sync:
             journal._committer = threading.Thread(target=journal._commit_loop, name="umbra-journal", daemon=True)
             journal._committer.start()
         return journal
+
+    def _load_id(self) -> None:
+        """The journal's id names one unbroken sequence space: a journal that starts again from
+        sequence 1 (no segments left) gets a new one, so shipped records are never confused."""
+        path = self.directory / "id"
+        if self._segments and path.exists():
+            self.id = path.read_text().strip()
+            return
+        self.id = secrets.token_hex(16)
+        tmp = self.directory / "id.tmp"
+        tmp.write_text(self.id + "\n")
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
 
     def _recover(self) -> None:
         names = sorted(p for p in self.directory.iterdir() if SEGMENT_NAME.match(p.name))
@@ -225,6 +242,8 @@ class Journal:
         if self.max_bytes is None:
             return
         while len(self._segments) > 1 and self._stats.bytes > self.max_bytes:
+            if self.keep_after is not None and self._segments[1].first_seq - 1 > self.keep_after:
+                return  # the oldest segment holds records not shipped yet
             oldest = self._segments.pop(0)
             self._stats.bytes -= oldest.path.stat().st_size
             oldest.path.unlink()
@@ -286,15 +305,31 @@ class Journal:
 
     # --- reading -----------------------------------------------------------------------------
 
-    def records(self, with_data: bool = True) -> Iterator[Record]:
-        """Every record, oldest first (reads the segment files; safe while appending)."""
+    def records(self, with_data: bool = True, after_seq: int = 0) -> Iterator[Record]:
+        """Every record (with seq > ``after_seq``), oldest first; reads the segment files and is
+        safe while appending.  Segments that end at or before ``after_seq`` are not read."""
         with self._lock:
             segments = list(self._segments)
-        for seg in segments:
+        for i, seg in enumerate(segments):
+            if i + 1 < len(segments) and segments[i + 1].first_seq - 1 <= after_seq:
+                continue
             try:
-                yield from _segment_records(seg, with_data)
+                for record in _segment_records(seg, with_data):
+                    if record.seq > after_seq:
+                        yield record
             except FileNotFoundError:
                 continue  # dropped by the size limit meanwhile
+
+    @property
+    def last_seq(self) -> int:
+        """The sequence number of the newest record (0 if none)."""
+        with self._lock:
+            return self._next_seq - 1
+
+    def enforce_limit(self) -> None:
+        """Apply ``max_bytes`` now (after ``keep_after`` moved)."""
+        with self._lock:
+            self._enforce_limit()
 
     def stats(self) -> JournalStats:
         with self._lock:

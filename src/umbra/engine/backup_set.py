@@ -50,6 +50,8 @@ def run(
                 "writers": snapshot_set.writer_metadata,
                 "components": snapshot_set.backup_components(),
             }
+            if snap.cdp:
+                annotations["cdp"] = snap.cdp
             bopts = backup.BackupOptions(
                 snap.path,
                 volume,

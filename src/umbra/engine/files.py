@@ -20,16 +20,18 @@ from typing import Any
 from umbra.errors import ExtractError
 from umbra.repo.manifest import Point
 from umbra.repo.repository import Repository
-from umbra.repo.view import PointView
+from umbra.repo.view import BlockView, open_state
 from umbra.volume.blockio import pwrite_all
 from umbra.volume.filesystem import Entry, FileSystem
 
 MAX_DEPTH = 4096
 
 
-def open_filesystem(repo: Repository, point: Point) -> tuple[PointView, FileSystem]:
-    view = PointView(repo, point)
-    return view, FileSystem(view.read, view.size, f"point {point.short_id} of {point.volume}")
+def open_filesystem(repo: Repository, ref: str) -> tuple[Point, BlockView, FileSystem]:
+    """The filesystem inside the state that ``ref`` names (a point, or VOLUME@TIME)."""
+    inst, view = open_state(repo, ref)
+    point = inst.point
+    return point, view, FileSystem(view.read, view.size, f"{ref} (point {point.short_id} of {point.volume})")
 
 
 def walk(fs: FileSystem, top: Entry) -> Iterator[Entry]:

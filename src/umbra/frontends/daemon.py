@@ -29,12 +29,14 @@ from typing import Any
 
 from umbra.cow.engine import CowVolume, SnapshotInfo
 from umbra.cow.journal import Journal
+from umbra.cow.ship import Shipper
 from umbra.cow.store import DifferenceStore
 from umbra.cow.tracking import ChangeTracker
 from umbra.errors import ProtectError, UsageError
 from umbra.frontends.control import MAX_LINE, encode_error
 from umbra.frontends.exports import exports_of
 from umbra.frontends.nbd.server import NbdServer
+from umbra.repo.repository import Repository
 from umbra.volume.backing import Backing, open_backing
 from umbra.volume.extents import merge
 from umbra.volume.source import FileSource
@@ -58,6 +60,8 @@ class ProtectOptions:
     journal: bool = True
     journal_max: int | None = None
     commit_interval: float = 0.05
+    repo: Repository | None = None  # ship the journal into this repository
+    ship_interval: float = 0.25
 
 
 def iso(ns: int) -> str:
@@ -72,6 +76,7 @@ class ProtectDaemon:
         self.volume: CowVolume | None = None
         self.journal: Journal | None = None
         self.tracker: ChangeTracker | None = None
+        self.shipper: Shipper | None = None
         self.nbd: NbdServer | None = None
         self.nbd_addresses: list[str] = []
         self.fuse: Any = None  # umbra.frontends.fuse.FuseBlockFiles when --fuse
@@ -107,6 +112,10 @@ class ProtectDaemon:
                 torn = self.journal.stats().recovered_tail_bytes
                 if torn:
                     log.warning("journal: cut a torn tail of %d bytes", torn)
+                if opts.repo is not None:
+                    self.shipper = Shipper(self.journal, opts.repo, opts.name, interval=opts.ship_interval)
+            elif opts.repo is not None:
+                raise UsageError("shipping to a repository needs the journal (drop --no-journal)")
             limit = opts.store_limit or max(self.backing.size, 1 << 20)
             if kept is not None:
                 store = DifferenceStore.reopen(kept["store"], self.state, opts.memory_limit, limit)
@@ -145,6 +154,8 @@ class ProtectDaemon:
             if self.opts.fuse_dir is not None:
                 await loop.run_in_executor(None, self._start_fuse)
             self._write_volume_json()
+            if self.shipper is not None:
+                self.shipper.start()
             if ready is not None:
                 ready(self.describe())
             await self._stop.wait()
@@ -180,6 +191,9 @@ class ProtectDaemon:
         if self.volume is None:
             return
         self.volume.flush()
+        if self.shipper is not None:
+            self.shipper.stop(drain=True)  # what is still pending stays in the local journal
+            self.shipper = None
         if self.journal is not None:
             self.journal.close()
         assert self.backing is not None
@@ -278,6 +292,7 @@ class ProtectDaemon:
         vol = self._vol()
         doc = asdict(info)
         doc["created"] = iso(info.created_ns)
+        doc["journal"] = self.journal.id if self.journal is not None else None
         doc["export"] = f"{vol.name}@{info.name}"
         doc["nbd"] = f"nbd+unix:///{vol.name}@{info.name}?socket={self.state / 'nbd.sock'}"
         doc["fuse"] = str(self.fuse.image_path(f"{self.opts.name}@{info.name}")) if self.fuse else None
@@ -366,6 +381,8 @@ class ProtectDaemon:
             "write_rate": round(st.write_bytes / span, 1) if span > 0 else None,
             "recovered_tail_bytes": st.recovered_tail_bytes,
             "sync": self.opts.sync,
+            "id": self.journal.id,
+            "shipping": self.shipper.status_doc() if self.shipper is not None else None,
         }
 
     def op_stop(self) -> None:

@@ -11,7 +11,7 @@ from typing import Protocol
 
 from umbra.cow.bitmap import Bitmap
 from umbra.cow.engine import CowVolume
-from umbra.repo.view import PointView
+from umbra.repo.view import BlockView
 from umbra.volume.blockio import pwrite_all
 from umbra.volume.source import data_extents
 
@@ -100,11 +100,12 @@ class SnapshotExport:
 
 
 class PointExport:
-    """A point of the repository, read-only, its blocks fetched on demand (:class:`PointView`)."""
+    """A point of the repository (or a state between points), read-only, its blocks fetched on
+    demand (:mod:`umbra.repo.view`)."""
 
     read_only = True
 
-    def __init__(self, view: PointView, name: str) -> None:
+    def __init__(self, view: BlockView, name: str) -> None:
         self.view = view
         self.name = name
         self.size = view.size

@@ -35,6 +35,8 @@ class Snapshot:
     tracking_generation: str | None = None
     changed_since: Callable[[str], list[Extent] | None] | None = None
     on_read: Callable[[int, int], None] | None = None
+    # CDP (cow): {"journal": id, "seq": n, "time_ns": t} of the snapshot's journal mark
+    cdp: dict[str, Any] = field(default_factory=dict)
 
 
 class Provider(ABC):

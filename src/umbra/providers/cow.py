@@ -85,6 +85,11 @@ class CowProvider(Provider):
             tracking_generation=snap["generation"],
             on_read=release,
             changed_since=changed,
+            cdp=(
+                {"journal": snap["journal"], "seq": snap["journal_seq"], "time_ns": snap["created_ns"]}
+                if snap.get("journal")
+                else {}
+            ),
         )
 
     def delete(self, snapshot: Snapshot) -> None:

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import blake3
 
 from umbra.errors import ObjectMissing, RepositoryError
+from umbra.repo import cdp
 from umbra.repo.format import PACK_FOOTER, ZERO_ID
 from umbra.repo.index import Index, decode_index
 from umbra.repo.pack import PackEntry, pack_name, parse_trailer
@@ -28,6 +29,7 @@ class CheckResult:
     errors: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     points: int = 0
+    journal_batches: int = 0
     packs: int = 0
     blobs: int = 0
     bytes_read: int = 0
@@ -105,6 +107,20 @@ def _check_points(repo: Repository, index: Index, res: CheckResult) -> None:
             res.errors.append(f"point {pid}: {missing} blocks in all are referenced but not stored")
 
 
+def _check_journal(repo: Repository, index: Index, res: CheckResult) -> None:
+    """Every shipped journal batch opens, and every block it names is stored."""
+    for ref in cdp.list_batches(repo):
+        try:
+            batch = cdp.load_batch(repo, ref)
+        except RepositoryError as exc:
+            res.errors.append(f"{ref.name}: {exc}")
+            continue
+        res.journal_batches += 1
+        missing = [bid for bid in cdp.referenced_blobs(batch) if bid not in index]
+        if missing:
+            res.errors.append(f"{ref.name}: {len(missing)} blocks are referenced but not stored")
+
+
 def _read_data(repo: Repository, packs: dict[str, list[PackEntry]], res: CheckResult, report: Report) -> None:
     for pack_id, entries in sorted(packs.items()):
         try:
@@ -135,6 +151,7 @@ def check(repo: Repository, read_data: bool = False, report: Report | None = Non
     index, packs = _load_index(repo, res)
     _check_packs(repo, packs, res)
     _check_points(repo, index, res)
+    _check_journal(repo, index, res)
     if read_data:
         _read_data(repo, packs, res, report or (lambda _: None))
     if ZERO_ID in index:

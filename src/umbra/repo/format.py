@@ -80,5 +80,6 @@ AAD_TRAILER = b"umbra pack trailer v1"
 AAD_INDEX = b"umbra index v1"
 AAD_MANIFEST = b"umbra manifest v1"
 AAD_KEY = b"umbra key v1"
+AAD_CDP = b"umbra cdp batch v1"
 
 KDF_CONTEXT_SESSION = "umbra 2026-11 session key v1"

@@ -10,7 +10,7 @@ import json
 import os
 import re
 from dataclasses import asdict, dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from umbra.errors import IntegrityError, UnsupportedFormat
@@ -19,6 +19,7 @@ from umbra.repo.format import AAD_MANIFEST, FORMAT_VERSION
 
 VOLUME_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 BACKUP_TYPES = ("full", "incremental", "differential")
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
 def new_point_id() -> str:
@@ -55,10 +56,21 @@ class Point:
     components: dict[str, Any] = field(default_factory=dict)  # the backup components document
     # protected volumes: {"generation": id} of the snapshot this point was read from
     tracking: dict[str, Any] = field(default_factory=dict)
+    # protected volumes with a CDP journal: {"journal": id, "seq": n, "time_ns": t} of the snapshot's
+    # mark, so that journal records after it can be applied (VOLUME@TIME)
+    cdp: dict[str, Any] = field(default_factory=dict)
 
     @property
     def nblocks(self) -> int:
         return -(-self.size // self.block_size)
+
+    @property
+    def state_time_ns(self) -> int:
+        """The instant the point's data is from: its snapshot's journal mark where it has one
+        (the backup itself starts a little later), else the point's time."""
+        if self.cdp.get("time_ns"):
+            return int(self.cdp["time_ns"])
+        return (self.time - _EPOCH) // timedelta(microseconds=1) * 1000
 
     @property
     def short_id(self) -> str:

@@ -4,7 +4,8 @@ Runs under the exclusive lock, so no backup is in flight: liveness comes from th
 never from file timestamps.  Ordering, so a crash at any step leaves every remaining point whole:
 
 1. delete the manifests of forgotten points;
-2. mark: every tree node and block referenced by the remaining points;
+2. mark: every tree node and block referenced by the remaining points and by every shipped CDP
+   journal batch (batches are kept whole until CDP retention and compaction exist);
 3. repack the live blobs of mostly-dead packs (unreferenced blobs and extra copies of a blob count
    as dead) into new packs (sealed envelopes are copied as they
    are: their associated data names the blob, not the pack), and index the new packs;
@@ -18,6 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from umbra.errors import ObjectMissing
+from umbra.repo import cdp
 from umbra.repo.backends.local import LocalBackend
 from umbra.repo.format import ZERO_ID
 from umbra.repo.index import Index, encode_index
@@ -85,6 +87,8 @@ def prune(
 def collect_garbage(repo: Repository, keep: list[Point], result: PruneResult, step: Hook) -> None:
     index = repo.index
     live = live_blobs(repo, keep)
+    for ref in cdp.list_batches(repo):
+        live.update(cdp.referenced_blobs(cdp.load_batch(repo, ref)))
     step("marked")
     by_pack = index.packs()
     old_index_files = list(repo.backend.list("index"))

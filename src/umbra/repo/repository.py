@@ -322,11 +322,11 @@ class Repository:
         candidates, problems = self.scan_points(parsed.volume)
         for problem in problems:
             log.warning("skipping damaged %s", problem)
-        if parsed.time is not None:
-            candidates = [p for p in candidates if p.time <= parsed.time]
+        if parsed.time_ns is not None:
+            candidates = [p for p in candidates if p.state_time_ns <= parsed.time_ns]
         if not candidates:
             raise PointNotFound(ref=parsed.text)
-        return candidates[-1]
+        return max(candidates, key=lambda p: (p.state_time_ns, p.time))
 
     # --- keys --------------------------------------------------------------------------------
 

@@ -12,8 +12,10 @@ import threading
 from collections import OrderedDict
 from collections.abc import Iterator
 
+from umbra.repo.cdp import ExtentMap, Instant, extent_map, instant
 from umbra.repo.format import ZERO_ID, BlobType
 from umbra.repo.manifest import Point
+from umbra.repo.pointref import PointRef, parse_point_ref
 from umbra.repo.repository import Repository
 
 DEFAULT_CACHE_BYTES = 64 * 1024 * 1024
@@ -110,8 +112,8 @@ class PointView:
 
     # --- data --------------------------------------------------------------------------------
 
-    def blocks(self, ids: list[bytes]) -> dict[bytes, bytes]:
-        """The data of these (non-zero) block ids, from the cache or loaded together."""
+    def blobs(self, ids: list[bytes]) -> dict[bytes, bytes]:
+        """The data of these (non-zero) data blob ids, from the cache or loaded together."""
         found: dict[bytes, bytes] = {}
         missing: list[bytes] = []
         with self._lock:
@@ -139,7 +141,7 @@ class PointView:
         bs = self.block_size
         first, stop = offset // bs, -(-(offset + length) // bs)
         ids = self.block_ids(first, stop)
-        data = self.blocks([bid for bid in ids if bid != ZERO_ID])
+        data = self.blobs([bid for bid in ids if bid != ZERO_ID])
         out = bytearray(length)
         for k, bid in enumerate(ids):
             if bid == ZERO_ID:
@@ -166,3 +168,60 @@ class PointView:
                 yield run_start, boundary, run_data
                 run_start, run_data = boundary, has_data
         yield run_start, end, run_data
+
+
+class InstantView:
+    """A point with journal records applied on top: the volume at an instant (CDP).
+
+    Reads start from the point and overlay the extents the records left behind; the records' data
+    blocks are loaded (and cached) through the point's view.
+    """
+
+    def __init__(self, base: PointView, extents: ExtentMap) -> None:
+        self.base = base
+        self.extents = extents
+        self.point = base.point
+        self.size = base.size
+        self.block_size = base.block_size
+
+    @property
+    def bytes_fetched(self) -> int:
+        return self.base.bytes_fetched
+
+    def read(self, offset: int, length: int) -> bytes:
+        length = max(0, min(length, self.size - offset))
+        if length == 0:
+            return b""
+        end = offset + length
+        parts = list(self.extents.overlapping(offset, end))
+        if not parts:
+            return self.base.read(offset, length)
+        out = bytearray(self.base.read(offset, length))
+        blobs = self.base.blobs([bid for _, _, (bid, _) in parts if bid != ZERO_ID])
+        for start, stop, (bid, blob_start) in parts:
+            if bid == ZERO_ID:
+                out[start - offset : stop - offset] = bytes(stop - start)
+            else:
+                out[start - offset : stop - offset] = blobs[bid][start - blob_start : stop - blob_start]
+        return bytes(out)
+
+    def allocation(self, offset: int, length: int) -> Iterator[Run]:
+        end = min(self.size, offset + length)
+        if any(True for _ in self.extents.overlapping(offset, end)):
+            yield offset, end, True  # written since the point: report data (reading tells the truth)
+            return
+        yield from self.base.allocation(offset, length)
+
+
+BlockView = PointView | InstantView
+
+
+def open_state(
+    repo: Repository, ref: str | PointRef, cache_bytes: int = DEFAULT_CACHE_BYTES
+) -> tuple[Instant, BlockView]:
+    """The state a reference names (a point, or a point plus journal records) and a view of it."""
+    inst = instant(repo, parse_point_ref(ref) if isinstance(ref, str) else ref)
+    base = PointView(repo, inst.point, cache_bytes)
+    if not inst.records:
+        return inst, base
+    return inst, InstantView(base, extent_map(inst.records, inst.point.size))

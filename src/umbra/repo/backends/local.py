@@ -104,7 +104,10 @@ class LocalBackend(Backend):
 
     def store(self, name: str, data: bytes, replace: bool = False) -> None:
         try:
-            atomic_write(self._path(name), data, replace=replace)
+            path = self._path(name)
+            if not path.parent.is_dir() and path.parent.parent == self.root:
+                path.parent.mkdir()  # a directory newer than the repository (cdp/)
+            atomic_write(path, data, replace=replace)
         except FileExistsError:
             raise
         except OSError as exc:
@@ -129,6 +132,8 @@ class LocalBackend(Backend):
     def list(self, directory: str) -> Iterator[str]:
         assert directory in DIRECTORIES
         base = self.root / directory
+        if not base.is_dir():
+            return  # a directory newer than the repository (cdp/): nothing stored there yet
         subdirs = sorted(p for p in base.iterdir() if p.is_dir()) if directory == "data" else [base]
         for sub in subdirs:
             prefix = sub.relative_to(self.root).as_posix()

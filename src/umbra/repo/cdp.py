@@ -1,0 +1,267 @@
+"""Continuous data protection in the repository: shipped journal batches, and the state of a
+volume at any instant (a point plus the journal records after it).
+
+A batch is one immutable object ``cdp/<journal id>-<first seq>-<last seq>`` (sealed, zstd-compressed
+JSON; ``docs/FORMAT.md``) listing records in sequence order.  The data of a write is cut at the
+repository's block boundaries and stored as ordinary DATA blobs, so a whole aligned block written
+to the volume and later backed up is stored once.  Batch names carry the sequence range, so the
+records needed for an instant are found without opening every batch.  Shipping the same range
+twice (after a crash) is harmless: records are identified by their sequence number.
+"""
+
+from __future__ import annotations
+
+import bisect
+import json
+import re
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import zstandard
+
+from umbra.errors import IntegrityError
+from umbra.repo.format import AAD_CDP, ZERO_ID
+from umbra.repo.manifest import Point
+from umbra.repo.pointref import PointRef
+from umbra.repo.repository import Repository
+
+CDP_DIR = "cdp"
+BATCH_NAME = re.compile(r"^cdp/([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{16})$")
+WRITE, ZERO, MARK = "write", "zero", "mark"
+MAX_BATCH_PLAIN = 256 << 20
+
+
+@dataclass
+class CdpRecord:
+    """One journal record as stored: ``pieces`` are (blob id or ZERO_ID, length) covering a write."""
+
+    seq: int
+    time_ns: int
+    kind: str
+    offset: int = 0
+    length: int = 0
+    pieces: list[tuple[bytes, int]] = field(default_factory=list)
+    mark: dict[str, Any] = field(default_factory=dict)
+
+    def encode(self) -> list[Any]:
+        if self.kind == MARK:
+            return [self.seq, self.time_ns, MARK, self.mark]
+        if self.kind == ZERO:
+            return [self.seq, self.time_ns, ZERO, self.offset, self.length]
+        return [self.seq, self.time_ns, WRITE, self.offset, self.length, [[b.hex(), n] for b, n in self.pieces]]
+
+    @classmethod
+    def decode(cls, item: list[Any]) -> CdpRecord:
+        seq, time_ns, kind = int(item[0]), int(item[1]), item[2]
+        if kind == MARK:
+            return cls(seq, time_ns, MARK, mark=dict(item[3]))
+        if kind == ZERO:
+            return cls(seq, time_ns, ZERO, int(item[3]), int(item[4]))
+        if kind != WRITE:
+            raise ValueError(f"unknown record kind {kind!r}")
+        pieces = [(bytes.fromhex(b), int(n)) for b, n in item[5]]
+        if sum(n for _, n in pieces) != int(item[4]) or any(len(b) != 32 for b, _ in pieces):
+            raise ValueError(f"record {seq}: pieces do not cover the write")
+        return cls(seq, time_ns, WRITE, int(item[3]), int(item[4]), pieces)
+
+
+@dataclass(frozen=True)
+class BatchRef:
+    name: str
+    journal: str
+    first_seq: int
+    last_seq: int
+
+
+@dataclass
+class Batch:
+    ref: BatchRef
+    volume: str
+    volume_size: int
+    records: list[CdpRecord]
+
+
+def batch_name(journal: str, first_seq: int, last_seq: int) -> str:
+    return f"{CDP_DIR}/{journal}-{first_seq:016x}-{last_seq:016x}"
+
+
+def split_write(repo: Repository, offset: int, data: bytes | memoryview) -> Iterator[tuple[bytes, bytes | None]]:
+    """(blob id, piece) for a write cut at block boundaries; all-zero pieces are (ZERO_ID, None)."""
+    bs = repo.config.block_size
+    view = memoryview(data)
+    pos = 0
+    while pos < len(view):
+        n = min(len(view) - pos, bs - (offset + pos) % bs)
+        piece = view[pos : pos + n]
+        if bytes(piece).count(0) == n:
+            yield ZERO_ID, None
+        else:
+            yield repo.crypto.blob_id(piece), bytes(piece)
+        pos += n
+
+
+def piece_lengths(block_size: int, offset: int, length: int) -> list[int]:
+    out, pos = [], offset
+    while pos < offset + length:
+        n = min(offset + length - pos, block_size - pos % block_size)
+        out.append(n)
+        pos += n
+    return out
+
+
+def encode_batch(repo: Repository, ref: BatchRef, volume: str, volume_size: int, records: list[CdpRecord]) -> bytes:
+    doc = {
+        "format": 1,
+        "journal": ref.journal,
+        "volume": volume,
+        "volume_size": volume_size,
+        "records": [r.encode() for r in records],
+    }
+    body = zstandard.ZstdCompressor(level=3).compress(json.dumps(doc, separators=(",", ":")).encode())
+    return repo.crypto.seal(body, AAD_CDP + ref.name.encode())
+
+
+def list_batches(repo: Repository, journal: str | None = None) -> list[BatchRef]:
+    out = []
+    for name in repo.backend.list(CDP_DIR):
+        m = BATCH_NAME.match(name)
+        if m is None:
+            continue  # a temporary or foreign file: not a batch
+        if journal is None or m.group(1) == journal:
+            out.append(BatchRef(name, m.group(1), int(m.group(2), 16), int(m.group(3), 16)))
+    out.sort(key=lambda r: (r.journal, r.first_seq, r.last_seq))
+    return out
+
+
+def load_batch(repo: Repository, ref: BatchRef) -> Batch:
+    what = f"journal batch {ref.name}"
+    body = repo.crypto.open(repo.backend.load(ref.name), AAD_CDP + ref.name.encode(), what)
+    try:
+        doc = json.loads(zstandard.ZstdDecompressor().decompress(body, max_output_size=MAX_BATCH_PLAIN))
+        if doc.get("format") != 1 or doc["journal"] != ref.journal:
+            raise ValueError("names another journal or format")
+        records = [CdpRecord.decode(item) for item in doc["records"]]
+    except (ValueError, KeyError, TypeError, IndexError, zstandard.ZstdError) as exc:
+        raise IntegrityError(f"{what}: malformed ({exc})") from None
+    if not records or records[0].seq != ref.first_seq or records[-1].seq != ref.last_seq:
+        raise IntegrityError(f"{what}: records do not match its name")
+    return Batch(ref, str(doc["volume"]), int(doc["volume_size"]), records)
+
+
+def referenced_blobs(batch: Batch) -> Iterator[bytes]:
+    for record in batch.records:
+        for blob_id, _ in record.pieces:
+            if blob_id != ZERO_ID:
+                yield blob_id
+
+
+# --- the state at an instant ------------------------------------------------------------------
+
+
+@dataclass
+class Instant:
+    """A volume at ``time_ns``: ``point`` plus ``records`` (sequence order) applied on top."""
+
+    point: Point
+    time_ns: int
+    records: list[CdpRecord]
+    journal_through_ns: int | None  # the newest shipped record of the point's journal
+
+
+def records_between(
+    repo: Repository, journal: str, after_seq: int, until_ns: int
+) -> tuple[list[CdpRecord], int | None]:
+    """Records of ``journal`` with seq > ``after_seq`` and time <= ``until_ns``, checked to be
+    contiguous; and the time of the newest shipped record."""
+    refs = [r for r in list_batches(repo, journal) if r.last_seq > after_seq]
+    by_seq: dict[int, CdpRecord] = {}
+    newest_ns: int | None = None
+    for ref in refs:
+        batch = load_batch(repo, ref)
+        newest_ns = max(newest_ns or 0, batch.records[-1].time_ns)
+        if batch.records[0].time_ns > until_ns:
+            break  # batches are in sequence order and time never goes back
+        for record in batch.records:
+            if record.seq > after_seq and record.time_ns <= until_ns:
+                by_seq[record.seq] = record
+    records = [by_seq[s] for s in sorted(by_seq)]
+    expected = after_seq + 1
+    for record in records:
+        if record.seq != expected:
+            raise IntegrityError(f"journal {journal[:8]} has a gap: record {expected} is missing")
+        expected += 1
+    return records, newest_ns
+
+
+def instant(repo: Repository, ref: PointRef) -> Instant:
+    """The state that ``ref`` names.  For ``VOLUME@TIME``: the point that
+    :meth:`Repository.resolve` picks (the newest whose data is from at or before TIME), plus every
+    shipped journal record after that point's snapshot mark, up to and including TIME."""
+    point = repo.resolve(ref)
+    if ref.time_ns is None or not point.cdp.get("journal"):
+        return Instant(point, ref.time_ns or point.state_time_ns, [], None)
+    records, newest = records_between(repo, str(point.cdp["journal"]), int(point.cdp["seq"]), ref.time_ns)
+    return Instant(point, ref.time_ns, records, newest)
+
+
+# --- the extents that records leave behind -----------------------------------------------------
+
+
+class ExtentMap:
+    """Non-overlapping byte extents, each either a piece of a blob or zeros; later writes win."""
+
+    def __init__(self) -> None:
+        self.starts: list[int] = []
+        self.ends: list[int] = []
+        self.sources: list[tuple[bytes, int]] = []  # (blob id or ZERO_ID, volume offset of the blob's start)
+
+    def __len__(self) -> int:
+        return len(self.starts)
+
+    def put(self, start: int, end: int, source: tuple[bytes, int]) -> None:
+        if end <= start:
+            return
+        i = bisect.bisect_right(self.ends, start)  # first extent ending after start
+        new_starts, new_ends, new_sources = [], [], []
+        j = i
+        while j < len(self.starts) and self.starts[j] < end:
+            s, e, src = self.starts[j], self.ends[j], self.sources[j]
+            if s < start:
+                new_starts.append(s)
+                new_ends.append(start)
+                new_sources.append(src)
+            if e > end:
+                new_starts.append(end)
+                new_ends.append(e)
+                new_sources.append(src)
+            j += 1
+        left = [k for k in range(len(new_starts)) if new_starts[k] < start]
+        right = [k for k in range(len(new_starts)) if new_starts[k] >= end]
+        starts = [new_starts[k] for k in left] + [start] + [new_starts[k] for k in right]
+        ends = [new_ends[k] for k in left] + [end] + [new_ends[k] for k in right]
+        sources = [new_sources[k] for k in left] + [source] + [new_sources[k] for k in right]
+        self.starts[i:j], self.ends[i:j], self.sources[i:j] = starts, ends, sources
+
+    def overlapping(self, start: int, end: int) -> Iterator[tuple[int, int, tuple[bytes, int]]]:
+        i = bisect.bisect_right(self.ends, start)
+        while i < len(self.starts) and self.starts[i] < end:
+            yield max(start, self.starts[i]), min(end, self.ends[i]), self.sources[i]
+            i += 1
+
+    def __iter__(self) -> Iterator[tuple[int, int, tuple[bytes, int]]]:
+        return zip(self.starts, self.ends, self.sources, strict=True)
+
+
+def extent_map(records: Iterable[CdpRecord], volume_size: int) -> ExtentMap:
+    """Apply records in order.  Writes past the volume's end (never acknowledged) are clipped."""
+    m = ExtentMap()
+    for record in records:
+        if record.kind == ZERO:
+            m.put(record.offset, min(volume_size, record.offset + record.length), (ZERO_ID, record.offset))
+        elif record.kind == WRITE:
+            pos = record.offset
+            for blob_id, n in record.pieces:
+                m.put(pos, min(volume_size, pos + n), (blob_id, pos))
+                pos += n
+    return m

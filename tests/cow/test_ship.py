@@ -1,0 +1,169 @@
+"""Journal shipping and VOLUME@TIME against a model (RELIABILITY C3): random writes and zeros with
+their timestamps, points taken at snapshot marks, batches shipped at random moments, prunes; the
+state at random instants (exactly at a write, between writes, after the last) equals the model
+byte for byte, through the block view and through restore."""
+
+from __future__ import annotations
+
+import random
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+
+from tests.cow.helpers import make_volume
+from umbra.cow.journal import Journal
+from umbra.cow.ship import Shipper
+from umbra.engine import backup, restore
+from umbra.errors import PointNotFound, RepositoryIOError
+from umbra.repo import cdp
+from umbra.repo.check import check
+from umbra.repo.prune import prune
+from umbra.repo.repository import Repository
+from umbra.repo.retention import Policy
+from umbra.repo.view import open_state
+from umbra.testing.faults import FaultyBackend
+
+SIZE = 256 * 1024
+
+
+def iso_ns(ns: int) -> str:
+    return datetime.fromtimestamp(ns // 10**9, UTC).strftime("%Y-%m-%dT%H:%M:%S") + f".{ns % 10**9:09d}+00:00"
+
+
+class Scenario:
+    """A protected volume with a journal, its model, and a repository the journal ships to."""
+
+    def __init__(self, tmp_path: Path, repo: Repository, seed: int) -> None:
+        self.rng = random.Random(seed)
+        self.repo = repo
+        self.journal = Journal.open(tmp_path / "journal", SIZE, segment_bytes=32 * 1024)
+        self.volume = make_volume(tmp_path, SIZE)
+        self.volume.journal = self.journal
+        self.image = tmp_path / "vol.img"
+        self.model = bytearray(SIZE)
+        self.history: list[tuple[int, bytes]] = []  # (time of the write, volume after it)
+        self.shipper = Shipper(self.journal, repo, "v")
+        self.points = 0
+        self.first_point_ns = 2**63
+
+    def write(self) -> None:
+        rng = self.rng
+        offset = rng.randrange(SIZE - 1)
+        length = rng.choice([1, 512, 4096, 5000, 9000, 30000])
+        length = min(length, SIZE - offset)
+        if rng.random() < 0.15:
+            self.volume.zero(offset, length)
+            self.model[offset : offset + length] = bytes(length)
+        else:
+            data = rng.randbytes(length) if rng.random() < 0.8 else bytes([rng.randrange(256)]) * length
+            self.volume.write(offset, data)
+            self.model[offset : offset + length] = data
+        self.history.append((self.journal._last_ns, bytes(self.model)))
+
+    def take_point(self) -> None:
+        """A snapshot mark, then a backup of exactly that state (no writes in between)."""
+        self.points += 1
+        info = self.volume.create_snapshot(f"s{self.points}")
+        cdp_info = {"journal": self.journal.id, "seq": info.journal_seq, "time_ns": info.created_ns}
+        kind = "full" if self.points == 1 else "incremental"
+        opts = backup.BackupOptions(str(self.image), "v", kind, all_blocks=True, workers=2)
+        opts.annotations = {"cdp": cdp_info}
+        backup.run(self.repo, opts)
+        self.volume.delete_snapshot(f"s{self.points}")
+        self.history.append((info.created_ns, bytes(self.model)))
+        self.first_point_ns = min(self.first_point_ns, info.created_ns)
+
+    def expected(self, when_ns: int) -> bytes | None:
+        """The model at ``when_ns``; None before the first point (nothing to start from)."""
+        if when_ns < self.first_point_ns:
+            return None
+        state = None
+        for t, volume in self.history:
+            if t <= when_ns:
+                state = volume
+        return state
+
+
+def run_scenario(tmp_path: Path, repo: Repository, seed: int, steps: int) -> Scenario:
+    s = Scenario(tmp_path, repo, seed)
+    for _ in range(5):
+        s.write()
+    s.take_point()
+    for i in range(steps):
+        s.write()
+        if s.rng.random() < 0.08:
+            s.shipper.ship_once()
+        if i in (steps // 3, 2 * steps // 3):
+            s.take_point()
+    while s.shipper.ship_once():
+        pass
+    s.shipper.ship_once()
+    return s
+
+
+def instants(s: Scenario) -> list[int]:
+    times = [t for t, _ in s.history]
+    picks = [*s.rng.sample(times, 25), times[-1] + 10**9]  # exactly at writes and marks; after the last
+    picks += [t + 1 for t in s.rng.sample(times, 10)] + [t - 1 for t in s.rng.sample(times, 10)]
+    return sorted(picks)
+
+
+def test_every_instant_reads_and_restores_as_the_model(repo: Repository, tmp_path: Path) -> None:
+    s = run_scenario(tmp_path, repo, seed=1, steps=300)
+    assert len(cdp.list_batches(repo)) > 3
+    for when in instants(s):
+        expected = s.expected(when)
+        if expected is None:
+            with pytest.raises(PointNotFound):
+                open_state(repo, f"v@{iso_ns(when)}")
+            continue
+        inst, view = open_state(repo, f"v@{iso_ns(when)}")
+        assert view.read(0, SIZE) == expected, f"state at {when}"
+        offset = s.rng.randrange(SIZE - 10000)
+        assert view.read(offset, 9999) == expected[offset : offset + 9999]
+        if inst.records:
+            target = tmp_path / f"restored-{when}.img"
+            restore.run(repo, inst.point, str(target), extents=cdp.extent_map(inst.records, SIZE))
+            assert target.read_bytes() == expected
+            target.unlink()
+
+
+def test_prune_keeps_the_journal_and_check_verifies_it(repo: Repository, tmp_path: Path) -> None:
+    s = run_scenario(tmp_path, repo, seed=2, steps=120)
+    with repo.lock(exclusive=True):
+        prune(repo, Policy(keep_last=1))
+    assert check(repo).ok
+    for when in instants(s)[-10:]:
+        expected = s.expected(when)
+        if expected is not None and when >= repo.list_points()[0].state_time_ns:
+            assert open_state(repo, f"v@{iso_ns(when)}")[1].read(0, SIZE) == expected
+
+
+def test_shipping_survives_an_outage_and_a_restart(repo: Repository, tmp_path: Path) -> None:
+    s = Scenario(tmp_path, repo, seed=3)
+    s.take_point()
+    faulty = FaultyBackend(repo.backend, {})
+    broken = Repository(faulty, repo.config, repo.crypto, repo.key_id)
+    shipper = Shipper(s.journal, broken, "v")
+    s.journal.max_bytes = 40 * 1024  # tight: unshipped segments must still be kept
+    for _ in range(20):
+        s.write()
+    faulty.fail_on = {"store": "E" * 1000}  # the repository is unreachable
+    with pytest.raises(RepositoryIOError):
+        shipper.ship_once()
+    status = shipper.status()
+    assert status.pending_records >= 20 and status.lag_s > 0
+    for _ in range(200):
+        s.write()
+    faulty.fail_on = {}
+    while shipper.ship_once():
+        pass
+    shipper.ship_once()
+    assert shipper.status().pending_records == 0 and shipper.status().lag_s == 0
+    fresh = Shipper(s.journal, repo, "v")  # a restarted daemon: where to go on comes from the repository
+    s.write()
+    fresh.ship_once()
+    assert fresh.status().shipped_seq == s.journal.last_seq
+    last = s.history[-1]
+    assert open_state(repo, f"v@{iso_ns(last[0])}")[1].read(0, SIZE) == last[1]
