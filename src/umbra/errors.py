@@ -281,6 +281,12 @@ class ExtractError(UmbraError):
     exit_code = 62
 
 
+class VerifyFailed(UmbraError):
+    """{ref}: the {filesystem} filesystem does not check clean ({command} exited with {code})"""
+
+    exit_code = 63
+
+
 def all_error_classes() -> list[type[UmbraError]]:
     """Every UmbraError subclass, depth first, the base included."""
     out: list[type[UmbraError]] = []

@@ -8,7 +8,7 @@ import typer
 
 from umbra.cli.common import JsonOption, RepoOption, emit_json, human_bytes, open_repository, stderr, stdout
 from umbra.engine.jobs import load_job
-from umbra.errors import EXIT_WARNING, CheckFailed, UsageError
+from umbra.errors import EXIT_WARNING, CheckFailed, UsageError, VerifyFailed
 from umbra.repo.check import check as repo_check
 from umbra.repo.prune import prune as repo_prune
 from umbra.repo.retention import Policy
@@ -95,3 +95,27 @@ def prune(
         f"kept {len(result.kept)} points, {verb} {len(result.forgotten)}"
         + ("" if dry_run else f"; freed {human_bytes(result.bytes_freed)} ({result.packs_deleted} packs)")
     )
+
+
+def verify(
+    point: Annotated[str, typer.Argument(help="Point: id prefix, VOLUME@latest or VOLUME@TIME.")],
+    repo: RepoOption = None,
+    json_out: JsonOption = False,
+) -> None:
+    """Check that a point's filesystem is clean (its own fsck on a copy-on-write view); the result
+    is kept with the point and shown by `umbra list`."""
+    from umbra.engine.verify import verify as engine_verify
+
+    with open_repository(repo) as r, r.lock(exclusive=False):
+        result = engine_verify(r, point)
+    if json_out:
+        emit_json(result.to_dict())
+    else:
+        for step in result.steps:
+            mark = "ok" if step["ok"] else f"FAILED (exit {step['exit_code']})"
+            stdout.print(f"{step['command']}: {mark}", markup=False)
+        verdict = "clean" if result.clean else "NOT clean"
+        stdout.print(f"{point} ({result.filesystem}, point {result.point[:8]}): {verdict}", markup=False)
+    if not result.clean:
+        failed = result.steps[-1]
+        raise VerifyFailed(ref=point, filesystem=result.filesystem, command=failed["command"], code=failed["exit_code"])

@@ -11,6 +11,7 @@ from umbra.cli.common import JsonOption, RepoOption, emit_json, human_bytes, ope
 from umbra.engine.diff import diff as engine_diff
 from umbra.errors import EXIT_WARNING
 from umbra.repo.manifest import Point
+from umbra.repo.repository import Repository
 
 
 def list_points(
@@ -21,18 +22,24 @@ def list_points(
     """List points, oldest first."""
     with open_repository(repo) as r:
         points, problems = r.scan_points(volume)
+        verified = _verified(r)
     for problem in problems:
         stderr.print(f"warning: damaged {problem}")
     if json_out:
-        emit_json([p.to_dict() for p in points])
+        emit_json([{**p.to_dict(), "verified": verified.get(p.id)} for p in points])
     else:
-        _print_points(points)
+        _print_points(points, verified)
     if problems:
         raise typer.Exit(EXIT_WARNING)
 
 
-def _print_points(points: list[Point]) -> None:
-    table = Table("id", "volume", "time", "type", "consistency", "size", "new", "tags")
+def _verified(repo: Repository) -> dict[str, bool]:
+    """Each point's newest `umbra verify` verdict; points never verified are absent."""
+    return {pid: bool(doc.get("clean")) for pid, doc in repo.latest_verifications().items()}
+
+
+def _print_points(points: list[Point], verified: dict[str, bool]) -> None:
+    table = Table("id", "volume", "time", "type", "consistency", "size", "new", "verified", "tags")
     for p in points:
         table.add_row(
             p.short_id,
@@ -42,6 +49,7 @@ def _print_points(points: list[Point]) -> None:
             p.consistency or "-",
             human_bytes(p.size),
             human_bytes(p.stats.get("bytes_new", 0)),
+            {True: "clean", False: "NOT CLEAN", None: "-"}[verified.get(p.id)],
             ",".join(p.tags),
         )
     stdout.print(table)

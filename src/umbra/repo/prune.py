@@ -79,6 +79,10 @@ def prune(
         return result
     for p in forget:
         repo.delete_point(p.id)
+    kept_ids = {p.id for p in keep}
+    for name in repo.verification_names():  # results of `umbra verify` go with their point
+        if name.split("/", 1)[1].split("-", 1)[0] not in kept_ids:
+            repo.backend.delete(name)
     step("forgotten")
     collect_garbage(repo, keep, result, step)
     return result

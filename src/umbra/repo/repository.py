@@ -10,6 +10,7 @@ import base64
 import json
 import logging
 import os
+import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -34,6 +35,7 @@ from umbra.repo import keys
 from umbra.repo.backends.base import Backend
 from umbra.repo.crypto import Crypto
 from umbra.repo.format import (
+    AAD_VERIFY,
     DEFAULT_BLOCK_SIZE,
     DEFAULT_FANOUT,
     DEFAULT_PACK_TARGET,
@@ -327,6 +329,30 @@ class Repository:
         if not candidates:
             raise PointNotFound(ref=parsed.text)
         return max(candidates, key=lambda p: (p.state_time_ns, p.time))
+
+    # --- verification results (umbra verify) -------------------------------------------------
+
+    def save_verification(self, point_id: str, doc: dict[str, Any]) -> None:
+        name = f"verify/{point_id}-{time.time_ns():016x}"
+        self.backend.store(name, self.crypto.seal(json.dumps(doc).encode(), AAD_VERIFY + name.encode()))
+
+    def verification_names(self) -> list[str]:
+        return list(self.backend.list("verify"))
+
+    def load_verification(self, name: str) -> dict[str, Any]:
+        body = self.crypto.open(self.backend.load(name), AAD_VERIFY + name.encode(), name)
+        try:
+            return dict(json.loads(body))
+        except (ValueError, TypeError) as exc:
+            raise IntegrityError(f"{name}: malformed ({exc})") from None
+
+    def latest_verifications(self) -> dict[str, dict[str, Any]]:
+        """The newest stored `umbra verify` result of each point that has one."""
+        newest: dict[str, str] = {}
+        for name in self.verification_names():  # verify/<point id>-<time, fixed-width hex>
+            point_id = name.split("/", 1)[1].split("-", 1)[0]
+            newest[point_id] = max(newest.get(point_id, ""), name)
+        return {point_id: self.load_verification(name) for point_id, name in newest.items()}
 
     # --- keys --------------------------------------------------------------------------------
 

@@ -106,7 +106,7 @@ class LocalBackend(Backend):
         try:
             path = self._path(name)
             if not path.parent.is_dir() and path.parent.parent == self.root:
-                path.parent.mkdir()  # a directory newer than the repository (cdp/)
+                path.parent.mkdir()  # a directory newer than the repository (cdp/, verify/)
             atomic_write(path, data, replace=replace)
         except FileExistsError:
             raise
@@ -133,7 +133,7 @@ class LocalBackend(Backend):
         assert directory in DIRECTORIES
         base = self.root / directory
         if not base.is_dir():
-            return  # a directory newer than the repository (cdp/): nothing stored there yet
+            return  # a directory newer than the repository (cdp/, verify/): nothing stored there yet
         subdirs = sorted(p for p in base.iterdir() if p.is_dir()) if directory == "data" else [base]
         for sub in subdirs:
             prefix = sub.relative_to(self.root).as_posix()

@@ -1,0 +1,99 @@
+"""``umbra verify``: is a point restorable to a filesystem that checks clean?
+
+The point is served as a FUSE block file over a copy-on-write overlay (nothing is restored and the
+point never changes), its filesystem is identified with ``blkid``, and the filesystem's own checker
+runs on it: for ext2/3/4 the journal is replayed into the overlay first (as a mount after a
+crash would), then ``e2fsck -fn`` checks everything; XFS gets ``xfs_repair -n``, btrfs
+``btrfs check --readonly``, FAT ``fsck.fat -n``.  The result of a point (not of a state between
+points) is stored in the repository beside it.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from umbra.errors import FileSystemError
+from umbra.frontends.exports import OverlayExport, PointExport
+from umbra.repo.repository import Repository
+from umbra.repo.view import open_state
+
+ENV = dict(os.environ, PATH=os.environ.get("PATH", "") + ":/usr/sbin:/sbin", LC_ALL="C")
+OUTPUT_TAIL = 4000
+
+# filesystem type (blkid) -> [(command before the image path, exit codes that count as success)]
+CHECKERS: dict[str, list[tuple[list[str], set[int]]]] = {
+    "ext2": [(["e2fsck", "-fn"], {0})],
+    "ext3": [(["e2fsck", "-E", "journal_only", "-y"], {0, 1}), (["e2fsck", "-fn"], {0})],
+    "ext4": [(["e2fsck", "-E", "journal_only", "-y"], {0, 1}), (["e2fsck", "-fn"], {0})],
+    "xfs": [(["xfs_repair", "-n"], {0})],
+    "btrfs": [(["btrfs", "check", "--readonly"], {0})],
+    "vfat": [(["fsck.fat", "-n"], {0})],
+}
+
+
+@dataclass
+class VerifyResult:
+    point: str
+    state: str
+    filesystem: str
+    clean: bool
+    checked_at: float = field(default_factory=time.time)
+    steps: list[dict[str, Any]] = field(default_factory=list)
+    stored: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _blkid(path: str) -> str:
+    proc = subprocess.run(
+        ["blkid", "-p", "-o", "value", "-s", "TYPE", path], capture_output=True, text=True, env=ENV, check=False
+    )
+    return proc.stdout.strip()
+
+
+def verify(repo: Repository, ref: str) -> VerifyResult:
+    """Check the filesystem of the state ``ref`` names; store the result when it is a point.
+
+    Raises:
+        FileSystemError: no filesystem on the volume that umbra knows how to check.
+        ServeError: the block file could not be mounted (FUSE).
+    """
+    from umbra.frontends.fuse import FuseBlockFiles  # pyfuse3 only for this command
+
+    inst, view = open_state(repo, ref)
+    point = inst.point
+    with tempfile.TemporaryDirectory(prefix="umbra-verify-") as tmp:
+        overlay = OverlayExport(PointExport(view, point.volume), os.path.join(tmp, "overlay"))
+        fuse = FuseBlockFiles(lambda: {point.volume: overlay}, os.path.join(tmp, "mnt"), point.volume)
+        fuse.start()
+        try:
+            path = fuse.image_path()
+            fstype = _blkid(path)
+            if fstype not in CHECKERS:
+                found = f"a {fstype} filesystem" if fstype else "no filesystem blkid knows"
+                raise FileSystemError(point=ref, reason=f"{found}; umbra checks {', '.join(sorted(CHECKERS))}")
+            result = VerifyResult(point.id, ref, fstype, clean=True)
+            for command, ok in CHECKERS[fstype]:
+                proc = subprocess.run(
+                    [*command, path], capture_output=True, text=True, env=ENV, check=False, stdin=subprocess.DEVNULL
+                )
+                output = (proc.stdout + proc.stderr)[-OUTPUT_TAIL:]
+                passed = proc.returncode in ok
+                result.steps.append({"command": " ".join(command), "exit_code": proc.returncode, "ok": passed,
+                                     "output": output})  # fmt: skip
+                if not passed:
+                    result.clean = False
+                    break
+        finally:
+            fuse.stop()
+            overlay.close()
+    if not inst.records:  # exactly a point: keep the result with it
+        repo.save_verification(point.id, result.to_dict())
+        result.stored = True
+    return result
