@@ -1,9 +1,9 @@
 """Ways back and CDP benchmarks (issue 5): time to first byte of `umbra export` and `umbra mount` for
 points of growing size, `umbra extract` of one small file against a full restore, journal shipping
 lag under sustained writes, and `VOLUME@TIME` restore time across journal lengths.  Prints ratios;
-see bench/RESULTS.md.  Needs root (FUSE), qemu-utils, e2fsprogs.
+see bench/RESULTS.md.  Needs root (FUSE), qemu-utils, e2fsprogs, fio (bench/setup.sh).
 
-    .venv/bin/python bench/cdp.py [--sizes 1G,4G] [--rate 50] [--seconds 20] [--work bench/work-cdp]
+    .venv/bin/python bench/cdp.py [--sizes 1G,4G] [--rate 50] [--seconds 20] [--only-shipping] [--work DIR]
 """
 
 from __future__ import annotations
@@ -143,17 +143,22 @@ def bench_shipping(work: Path, env: dict[str, str], rate_mb: float, seconds: flo
         sh(*UMBRA, "backup", "cdp", "--volume", "cdp", env=benv)
         uri = f"nbd+unix:///cdp?socket={state / 'nbd.sock'}"
         writer = subprocess.Popen(
-            [sys.executable, str(HERE / "cdp.py"), "--write-load", uri, str(rate_mb), str(seconds), str(size)],
+            [
+                "fio", "--name=load", "--ioengine=nbd", f"--uri={uri}", "--rw=randwrite", "--bs=64k",
+                f"--rate={int(rate_mb)}m", f"--size={size}", f"--runtime={seconds}", "--time_based",
+                "--iodepth=4", "--output-format=json",
+            ],
             stdout=subprocess.PIPE,
             text=True,
-        )
+        )  # fmt: skip
         lags: list[float] = []
         marks: list[int] = []
         while writer.poll() is None:
             lags.append(json.loads(sh(*status).stdout)["shipping"]["lag_s"])
             marks.append(time.time_ns())
             time.sleep(0.1)
-        written = float(writer.stdout.read().strip() or 0) if writer.stdout else 0.0
+        report = writer.stdout.read() if writer.stdout else "{}"
+        written = float(json.loads(report[report.index("{") :])["jobs"][0]["write"]["io_bytes"])
         for _ in range(600):
             if json.loads(sh(*status).stdout)["shipping"]["pending_records"] == 0:
                 break
@@ -180,32 +185,13 @@ def bench_shipping(work: Path, env: dict[str, str], rate_mb: float, seconds: flo
         image.unlink(missing_ok=True)
 
 
-def write_load(uri: str, rate_mb: float, seconds: float, size: int) -> None:
-    """Random 64 KiB writes at ``rate_mb`` MB/s through NBD (python3-libnbd-free: qemu-io batches)."""
-    rng = random.Random(7)
-    per_second = int(rate_mb * 1e6 / 65536)
-    end = time.monotonic() + seconds
-    written = 0
-    while time.monotonic() < end:
-        tick = time.monotonic()
-        cmds: list[str] = []
-        for _ in range(per_second // 10):
-            cmds += ["-c", f"write -P {rng.randrange(256)} {rng.randrange(size // 65536) * 65536} 64k"]
-        subprocess.run(["qemu-io", "-f", "raw", uri, *cmds], check=True, capture_output=True)
-        written += 65536 * (per_second // 10)
-        time.sleep(max(0.0, 0.1 - (time.monotonic() - tick)))
-    print(written)
-
-
 def main() -> None:
-    if len(sys.argv) > 1 and sys.argv[1] == "--write-load":
-        write_load(sys.argv[2], float(sys.argv[3]), float(sys.argv[4]), int(sys.argv[5]))
-        return
     ap = argparse.ArgumentParser()
     ap.add_argument("--sizes", default="1G,4G")
     ap.add_argument("--rate", type=float, default=50.0, help="MB/s of writes while shipping")
     ap.add_argument("--seconds", type=float, default=20.0)
     ap.add_argument("--work", type=Path, default=HERE / "work-cdp")
+    ap.add_argument("--only-shipping", action="store_true")
     args = ap.parse_args()
     work = args.work.resolve()
     shutil.rmtree(work, ignore_errors=True)
@@ -213,7 +199,7 @@ def main() -> None:
     env = dict(os.environ, UMBRA_REPO=str(work / "repo"), UMBRA_PASSWORD="bench")
     sh(*UMBRA, "init", env=env)
     results: dict[str, dict[str, float]] = {}
-    for text in args.sizes.split(","):
+    for text in [] if args.only_shipping else args.sizes.split(","):
         results[f"ways back, {text} point"] = bench_ways_back(parse_size(text), work, env)
     results["shipping"] = bench_shipping(work, env, args.rate, args.seconds)
     for name, values in results.items():

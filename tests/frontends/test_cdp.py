@@ -157,3 +157,31 @@ def test_kill_9_loses_no_shipped_or_pending_write(setup, tmp_path: Path) -> None
     check = umbra(repo_dir, "check", "--json")
     assert check.returncode == 0, check.stderr
     assert json.loads(check.stdout)["journal_batches"] >= 2
+
+
+def test_bookmarks_mark_consistent_instants_on_the_timeline(setup, tmp_path: Path) -> None:
+    repo, repo_dir, d = setup
+    work = Workload(d.state / "nbd.sock", d.source.read_bytes(), seed=3)
+    opts = backup_set.SetBackupOptions(["data"], ["data"], "full", set_options=SetOptions())
+    (result,) = backup_set.run(repo, opts, [])
+    work.run(30)
+    at_bookmark = bytes(work.model)
+    log = tmp_path / "hook.log"
+    proc = umbra(repo_dir, "bookmark", "data", "before-upgrade", "--pre-snapshot", f"echo frozen >> {log}", "--json")
+    assert proc.returncode == 0, proc.stderr
+    mark = json.loads(proc.stdout)
+    assert mark["consistency"] == "application-consistent" and log.read_text() == "frozen\n"
+    assert d.client.call("snapshot-list") == []  # the bookmark's snapshot is gone at once
+    work.run(30)
+    wait_shipped(d)
+    doc = json.loads(umbra(repo_dir, "timeline", "data", "--json").stdout)
+    kinds = [(e["kind"], e["name"]) for e in doc["events"]]
+    assert kinds == [("point", result.point.id), ("bookmark", "before-upgrade")]
+    assert doc["journal"]["records"] > 60
+    assert "before-upgrade" in umbra(repo_dir, "timeline", "data").stdout
+    out = tmp_path / "at-bookmark.img"
+    proc = umbra(repo_dir, "restore", f"data@{iso_ns(mark['time_ns'])}", str(out))
+    assert proc.returncode == 0, proc.stderr
+    assert out.read_bytes() == at_bookmark
+    missing = umbra(repo_dir, "bookmark", "nosuch", "x")
+    assert missing.returncode != 0 and "Traceback" not in missing.stderr

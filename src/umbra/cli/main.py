@@ -11,7 +11,18 @@ from typing import Annotated
 import typer
 
 from umbra import __version__
-from umbra.cli import backup, files, init_keys, maintenance, points, protect, restore, serve_points, shadow
+from umbra.cli import (
+    backup,
+    files,
+    init_keys,
+    maintenance,
+    points,
+    protect,
+    restore,
+    serve_points,
+    shadow,
+    timeline,
+)
 from umbra.errors import EXIT_INTERNAL, UmbraError
 
 app = typer.Typer(
@@ -61,6 +72,8 @@ app.command()(serve_points.export)
 app.command()(serve_points.mount)
 app.command()(files.ls)
 app.command()(files.extract)
+app.command()(timeline.bookmark)
+app.command()(timeline.timeline)
 
 
 @app.command()

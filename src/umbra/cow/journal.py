@@ -28,6 +28,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import blake3
 
@@ -55,7 +56,7 @@ class Record:
     data: bytes
 
     @property
-    def mark(self) -> dict[str, str]:
+    def mark(self) -> dict[str, Any]:
         return dict(json.loads(self.data)) if self.kind == MARK else {}
 
 
@@ -256,8 +257,8 @@ class Journal:
     def append_zero(self, offset: int, length: int) -> int:
         return self._append(ZERO, offset, length, b"")
 
-    def append_mark(self, kind: str, name: str) -> int:
-        return self._append(MARK, 0, 0, json.dumps({"kind": kind, "name": name}).encode())
+    def append_mark(self, kind: str, name: str, **fields: object) -> int:
+        return self._append(MARK, 0, 0, json.dumps({"kind": kind, "name": name, **fields}).encode())
 
     def _append(self, kind: int, offset: int, length: int, data: bytes | memoryview) -> int:
         with self._lock:

@@ -345,6 +345,18 @@ class ProtectDaemon:
             self.fuse.refresh()
         return self._snapshot_doc(info)
 
+    def op_bookmark(self, name: str, snapshot: str, consistency: str, set_id: str) -> dict[str, Any]:
+        """Mark the journal with a named bookmark for the instant of ``snapshot`` (taken by the
+        coordinator while the set was frozen: that instant is the consistent one)."""
+        if self.journal is None:
+            raise UsageError(f"{self.opts.name} keeps no journal (--no-journal): bookmarks need one")
+        info = self._vol().snapshot(snapshot)
+        fields = {"time_ns": info.created_ns, "seq": info.journal_seq, "consistency": consistency, "set_id": set_id}
+        self.journal.append_mark("bookmark", name, **fields)
+        if self.shipper is not None:
+            self.shipper.kick()
+        return {"name": name, "volume": self.opts.name, "journal": self.journal.id, **fields}
+
     def op_snapshot_list(self) -> list[dict[str, Any]]:
         return [self._snapshot_doc(s) for s in self._vol().snapshots()]
 

@@ -1,0 +1,71 @@
+"""``umbra bookmark`` (a named consistent instant in a protected volume's journal) and
+``umbra timeline`` (points and bookmarks of a volume, to pick a VOLUME@TIME from)."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from umbra.cli.common import JsonOption, RepoOption, emit_json, open_repository, stdout
+from umbra.coordinator.snapshot_set import SetOptions
+from umbra.engine import timeline as engine_timeline
+from umbra.engine.jobs import build_writers
+
+
+def _local(ns: int) -> str:
+    """Local time with nanoseconds: exactly what VOLUME@TIME needs to name this instant."""
+    moment = datetime.fromtimestamp(ns // 10**9, UTC).astimezone()
+    return moment.strftime("%Y-%m-%dT%H:%M:%S") + f".{ns % 10**9:09d}" + moment.strftime("%z")
+
+
+def bookmark(
+    volume: Annotated[str, typer.Argument(help="Protected volume (its name, loop device or mount point).")],
+    name: Annotated[str, typer.Argument(help="Bookmark name.")],
+    pre_snapshot: Annotated[str | None, typer.Option(help="Command run before the instant; non-zero aborts.")] = None,
+    post_snapshot: Annotated[str | None, typer.Option(help="Command run right after the instant.")] = None,
+    sqlite: Annotated[list[str] | None, typer.Option(help="SQLite database to make consistent (repeatable).")] = None,
+    postgres: Annotated[
+        list[str] | None, typer.Option(help="PostgreSQL server to checkpoint (libpq connection string).")
+    ] = None,
+    freeze_timeout: Annotated[float, typer.Option(help="Limit for writers to freeze, seconds.")] = 60.0,
+    json_out: JsonOption = False,
+) -> None:
+    """Mark a consistent instant in a protected volume's journal (writers frozen, filesystem held)."""
+    writers = build_writers(pre_snapshot, post_snapshot, None, sqlite, postgres)
+    doc = engine_timeline.bookmark(volume, name, writers, SetOptions(freeze_timeout=freeze_timeout))
+    if json_out:
+        emit_json(doc)
+        return
+    stdout.print(
+        f"bookmark {name!r} of {doc['volume']} at {_local(doc['time_ns'])} ({doc['consistency']}); "
+        f"restore it as {doc['volume']}@{_local(doc['time_ns'])}",
+        markup=False,
+    )
+
+
+def timeline(
+    volume: Annotated[str, typer.Argument(help="Volume name.")],
+    repo: RepoOption = None,
+    json_out: JsonOption = False,
+) -> None:
+    """Points and bookmarks of a volume, oldest first, with the shipped journal's span."""
+    with open_repository(repo) as r:
+        events, span = engine_timeline.timeline(r, volume)
+    if json_out:
+        emit_json({"volume": volume, "events": [e.to_dict() for e in events], "journal": span})
+        return
+    table = Table("time (use as VOLUME@TIME)", "kind", "name", "consistency")
+    for e in events:
+        table.add_row(_local(e.time_ns), e.kind, e.name[:8] if e.kind == "point" else e.name, e.consistency)
+    stdout.print(table)
+    if span["records"]:
+        stdout.print(
+            f"journal: {span['records']} records shipped, {_local(span['first_ns'])} .. {_local(span['last_ns'])}: "
+            f"any instant in between can be restored",
+            markup=False,
+        )
+    else:
+        stdout.print("journal: none shipped (points only)")
