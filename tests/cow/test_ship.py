@@ -15,6 +15,7 @@ from tests.cow.helpers import make_volume
 from umbra.cow.journal import Journal
 from umbra.cow.ship import Shipper
 from umbra.engine import backup, restore
+from umbra.engine.compact import compact
 from umbra.errors import PointNotFound, RepositoryIOError
 from umbra.repo import cdp
 from umbra.repo.check import check
@@ -167,3 +168,58 @@ def test_shipping_survives_an_outage_and_a_restart(repo: Repository, tmp_path: P
     assert fresh.status().shipped_seq == s.journal.last_seq
     last = s.history[-1]
     assert open_state(repo, f"v@{iso_ns(last[0])}")[1].read(0, SIZE) == last[1]
+
+
+def test_compaction_thins_old_journal_and_never_loses_a_write_in_the_window(repo: Repository, tmp_path: Path) -> None:
+    s = Scenario(tmp_path, repo, seed=4)
+    for _ in range(5):
+        s.write()
+    s.take_point()
+    bookmark_ns = 0
+    for i in range(240):
+        s.write()
+        if i == 60:  # what the daemon's bookmark does: a snapshot's instant, marked by name
+            info = s.volume.create_snapshot("bm")
+            s.journal.append_mark("bookmark", "before-upgrade", time_ns=info.created_ns, seq=info.journal_seq,
+                                  consistency="application-consistent")  # fmt: skip
+            s.volume.delete_snapshot("bm")
+            s.history.append((info.created_ns, bytes(s.model)))
+            bookmark_ns = info.created_ns
+        if s.rng.random() < 0.1:
+            s.shipper.ship_once()
+    while s.shipper.ship_once():
+        pass
+    s.shipper.ship_once()
+    times = [t for t, _ in s.history]
+    cutoff = times[180]
+    every_s = (times[170] - times[6]) / 4e9
+    before = len(cdp.list_batches(repo))
+    result = compact(repo, "v", keep_within_s=1.0, every_s=every_s, now_ns=cutoff + 10**9)
+    assert len(result.points) >= 4 and result.batches_deleted > 0
+    assert len(cdp.list_batches(repo)) < before
+    synthetic = {p.state_time_ns: p for p in repo.list_points("v") if p.type == "synthetic"}
+    assert synthetic[bookmark_ns].consistency == "application-consistent"
+    assert "before-upgrade" in synthetic[bookmark_ns].tags
+    kept = sorted(p.state_time_ns for p in repo.list_points("v"))
+
+    def assert_state(when: int) -> bool:
+        inst, view = open_state(repo, f"v@{iso_ns(when)}")
+        got = view.read(0, SIZE)
+        if when >= cutoff:
+            assert got == s.expected(when) and not inst.compacted, "a write inside the retention window was lost"
+        elif inst.compacted:  # outside: the newest kept state at or before
+            assert got == s.expected(max(k for k in kept if k <= when))
+        else:  # (or exactly, where the records after a kept state are still whole in a batch)
+            assert got == s.expected(when)
+        return inst.compacted
+
+    outside = s.rng.sample([t for t in times if times[5] < t < cutoff], 40)
+    assert not any(assert_state(when) for when in times if when >= cutoff)
+    assert sum(assert_state(when) for when in outside) > 10
+    with repo.lock(exclusive=True):
+        prune(repo, Policy(keep_last=1))  # the journal's anchor point is kept whatever the policy says
+    assert check(repo).ok
+    for when in [t for t in times if t >= cutoff]:
+        assert_state(when)
+    again = compact(repo, "v", keep_within_s=1.0, every_s=every_s, now_ns=cutoff + 10**9)
+    assert again.points == [] and again.batches_deleted == 0  # nothing left to do

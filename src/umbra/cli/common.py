@@ -94,6 +94,12 @@ def warn_if_journal_behind(inst: Instant) -> None:
     p = inst.point
     if not p.cdp.get("journal") or inst.time_ns <= p.state_time_ns:
         return
+    if inst.compacted:
+        stderr.print(
+            f"note: writes after point {p.short_id} of {p.volume} are outside the CDP retention window and "
+            "were compacted: this is that point's state"
+        )
+        return
     through = inst.journal_through_ns
     if through is None:
         stderr.print(f"warning: no journal of {p.volume} was shipped after point {p.short_id}: this is that point")

@@ -74,6 +74,7 @@ app.command()(files.ls)
 app.command()(files.extract)
 app.command()(timeline.bookmark)
 app.command()(timeline.timeline)
+app.add_typer(timeline.cdp_app, name="cdp")
 
 
 @app.command()

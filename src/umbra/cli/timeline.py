@@ -11,8 +11,10 @@ from rich.table import Table
 
 from umbra.cli.common import JsonOption, RepoOption, emit_json, open_repository, stdout
 from umbra.coordinator.snapshot_set import SetOptions
+from umbra.engine import compact as engine_compact
 from umbra.engine import timeline as engine_timeline
 from umbra.engine.jobs import build_writers
+from umbra.errors import UsageError
 
 
 def _local(ns: int) -> str:
@@ -69,3 +71,52 @@ def timeline(
         )
     else:
         stdout.print("journal: none shipped (points only)")
+
+
+cdp_app = typer.Typer(help="Continuous data protection in the repository.", no_args_is_help=True)
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+
+
+def parse_duration(text: str) -> float:
+    t = text.strip().lower()
+    try:
+        return float(t[:-1]) * _UNITS[t[-1]] if t and t[-1] in _UNITS else float(t)
+    except ValueError:
+        raise UsageError(f"cannot read {text!r} as a duration (e.g. 90s, 30m, 24h, 7d)") from None
+
+
+@cdp_app.command("compact")
+def compact(
+    volume: Annotated[str, typer.Argument(help="Volume name.")],
+    keep_within: Annotated[str, typer.Option(help="Keep every write this recent (e.g. 24h).")] = "24h",
+    every: Annotated[str, typer.Option(help="Older than that, keep one state per interval (e.g. 1h).")] = "1h",
+    dry_run: Annotated[bool, typer.Option(help="Show the points it would make; change nothing.")] = False,
+    repo: RepoOption = None,
+    json_out: JsonOption = False,
+) -> None:
+    """Turn journal older than --keep-within into points (one per --every and per bookmark) and
+    drop the journal they replace; every write inside the window stays."""
+    with open_repository(repo) as r, r.lock(exclusive=not dry_run):
+        result = engine_compact.compact(r, volume, parse_duration(keep_within), parse_duration(every), dry_run)
+    if json_out:
+        emit_json(
+            {
+                "volume": volume,
+                "dry_run": dry_run,
+                "planned": [{"time_ns": t, "why": why, "consistency": c} for t, why, c in result.planned],
+                "points": [p.id for p in result.points],
+                "batches_deleted": result.batches_deleted,
+                "records_dropped": result.records_dropped,
+            }
+        )
+        return
+    for t, why, consistency in result.planned:
+        stdout.print(
+            f"{'would make' if dry_run else 'made'} a point at {_local(t)} ({why}, {consistency})", markup=False
+        )
+    if not dry_run:
+        stdout.print(
+            f"{len(result.points)} points made; {result.batches_deleted} journal batches "
+            f"({result.records_dropped} records) replaced by them",
+            markup=False,
+        )

@@ -228,7 +228,7 @@ def run(repo: Repository, opts: BackupOptions, progress: Progress | None = None)
 def _choose_parent(repo: Repository, opts: BackupOptions) -> Point | None:
     if opts.type == "full":
         return None
-    points = repo.list_points(opts.volume)
+    points = [p for p in repo.list_points(opts.volume) if p.type in BACKUP_TYPES]  # not synthetic ones
     if opts.type == "differential":
         points = [p for p in points if p.type == "full"]
     if not points:

@@ -167,14 +167,18 @@ class Instant:
     time_ns: int
     records: list[CdpRecord]
     journal_through_ns: int | None  # the newest shipped record of the point's journal
+    compacted: bool = False  # the writes after the point up to TIME were compacted away
 
 
 def records_between(
     repo: Repository, journal: str, after_seq: int, until_ns: int
-) -> tuple[list[CdpRecord], int | None]:
+) -> tuple[list[CdpRecord], int | None, bool]:
     """Records of ``journal`` with seq > ``after_seq`` and time <= ``until_ns``, checked to be
-    contiguous; and the time of the newest shipped record."""
-    refs = [r for r in list_batches(repo, journal) if r.last_seq > after_seq]
+    contiguous; the time of the newest shipped record; and whether the records right after
+    ``after_seq`` were compacted away (then the list is empty: the state is the point's)."""
+    every = list_batches(repo, journal)
+    earliest = min((r.first_seq for r in every), default=None)
+    refs = [r for r in every if r.last_seq > after_seq]
     by_seq: dict[int, CdpRecord] = {}
     newest_ns: int | None = None
     for ref in refs:
@@ -186,12 +190,14 @@ def records_between(
             if record.seq > after_seq and record.time_ns <= until_ns:
                 by_seq[record.seq] = record
     records = [by_seq[s] for s in sorted(by_seq)]
+    if (not records or records[0].seq != after_seq + 1) and earliest is not None and earliest > after_seq + 1:
+        return [], newest_ns, True  # outside the retention window: only the points are kept
     expected = after_seq + 1
     for record in records:
         if record.seq != expected:
             raise IntegrityError(f"journal {journal[:8]} has a gap: record {expected} is missing")
         expected += 1
-    return records, newest_ns
+    return records, newest_ns, False
 
 
 def instant(repo: Repository, ref: PointRef) -> Instant:
@@ -201,8 +207,23 @@ def instant(repo: Repository, ref: PointRef) -> Instant:
     point = repo.resolve(ref)
     if ref.time_ns is None or not point.cdp.get("journal"):
         return Instant(point, ref.time_ns or point.state_time_ns, [], None)
-    records, newest = records_between(repo, str(point.cdp["journal"]), int(point.cdp["seq"]), ref.time_ns)
-    return Instant(point, ref.time_ns, records, newest)
+    records, newest, compacted = records_between(repo, str(point.cdp["journal"]), int(point.cdp["seq"]), ref.time_ns)
+    return Instant(point, ref.time_ns, records, newest, compacted)
+
+
+def anchor_points(repo: Repository, points: list[Point]) -> set[str]:
+    """Points that prune must keep: for each journal with shipped batches, the earliest point from
+    which the batches apply without a gap (forgetting it would lose every write after it)."""
+    first_seq: dict[str, int] = {}
+    for ref in list_batches(repo):
+        first_seq[ref.journal] = min(first_seq.get(ref.journal, ref.first_seq), ref.first_seq)
+    anchors: dict[str, Point] = {}
+    for p in points:
+        journal = str(p.cdp.get("journal", ""))
+        usable = journal in first_seq and int(p.cdp["seq"]) >= first_seq[journal] - 1
+        if usable and (journal not in anchors or int(p.cdp["seq"]) < int(anchors[journal].cdp["seq"])):
+            anchors[journal] = p
+    return {p.id for p in anchors.values()}
 
 
 # --- the extents that records leave behind -----------------------------------------------------

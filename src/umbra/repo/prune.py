@@ -74,6 +74,9 @@ def prune(
     step = hook or (lambda _: None)
     repo.invalidate_index()
     keep, forget = apply(repo.list_points(), policy, volumes)
+    anchors = cdp.anchor_points(repo, keep + forget)  # the journal's writes start from these
+    keep += [p for p in forget if p.id in anchors]
+    forget = [p for p in forget if p.id not in anchors]
     result = PruneResult(keep, forget, dry_run=dry_run)
     if dry_run:
         return result
