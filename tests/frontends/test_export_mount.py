@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,9 +19,11 @@ import pytest
 
 from tests.conftest import requires
 from tests.engine.helpers import assert_same_tree, do_backup, restored, special_tree, write_at
+from umbra.frontends.exports import OverlayExport, RestoringExport
 from umbra.repo.backends import LocalBackend
 from umbra.repo.repository import Repository
 from umbra.testing.volumes import make_ext4, make_tree
+from umbra.volume.sink import open_target
 
 MiB = 1 << 20
 
@@ -210,3 +214,75 @@ def test_mount_files_shows_the_tree_without_a_loop_device(tmp_path: Path) -> Non
         assert mounted.proc.wait(30) == 0
     finally:
         mounted.stop()
+
+
+def test_restore_to_copies_the_served_volume_while_it_is_written(points: tuple[Path, Path], tmp_path: Path) -> None:
+    requires("qemu-io")
+    repo, _ = points
+    latest = tmp_path / "latest.img"
+    umbra("restore", "v@latest", str(latest), repo=repo)
+    sock, target = tmp_path / "nbd.sock", tmp_path / "recovered.img"
+    served = Running(["export", "v@latest", "--nbd", f"unix:{sock}", "--restore-to", str(target)], repo, sock,
+                     tmp_path / "r.log")  # fmt: skip
+    uri = f"nbd+unix:///v?socket={sock}"
+    expected = bytearray(latest.read_bytes())
+    try:
+        rng = random.Random(3)
+        for _ in range(20):  # writes land before and after the copy cursor
+            offset, length = rng.randrange(0, 8 * MiB - 70000), rng.choice([512, 4096, 65536, 70000])
+            pattern = rng.randrange(1, 256)
+            run("qemu-io", "-f", "raw", uri, "-c", f"write -P {pattern} {offset} {length}")
+            expected[offset : offset + length] = bytes([pattern]) * length
+    finally:
+        assert served.stop() == 0, (tmp_path / "r.log").read_text()
+    assert "every write included" in (tmp_path / "r.log").read_text()
+    assert target.read_bytes() == bytes(expected)
+
+
+class _MemExport:
+    """A read-only in-memory block view standing in for a point (the CLI test above uses a real one)."""
+
+    read_only, name, description = True, "m", "memory"
+
+    def __init__(self, data: bytes) -> None:
+        self.data, self.size = data, len(data)
+
+    def read(self, offset: int, length: int) -> bytes:
+        return self.data[offset : offset + length]
+
+    def allocation(self, offset: int, length: int):
+        yield offset, offset + length, True
+
+
+def test_restoring_export_converges_under_concurrent_writes(tmp_path: Path) -> None:
+    base = _MemExport(random.Random(1).randbytes(2 * MiB))
+    overlay = OverlayExport(base, str(tmp_path / "overlay"))
+    restoring = RestoringExport(overlay, open_target(str(tmp_path / "target.img"), base.size))
+    restoring.CHUNK = 8192  # many steps, so writes interleave with the copy
+    restoring.start()
+
+    def writer(seed: int) -> None:
+        rng = random.Random(seed)
+        for _ in range(300):
+            offset = rng.randrange(0, base.size - 10000)
+            if rng.random() < 0.2:
+                restoring.zero(offset, rng.randrange(1, 9000), fua=False)
+            else:
+                restoring.write(offset, rng.randbytes(rng.randrange(1, 9000)), fua=False)
+
+    threads = [threading.Thread(target=writer, args=(s,)) for s in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert restoring.in_sync.wait(30)
+    restoring.write(5, b"after the copy", fua=False)  # once in sync, writes still reach the target
+    restoring.stop()
+    restoring.flush()
+    assert (tmp_path / "target.img").read_bytes() == overlay.read(0, base.size)
+    stopped = RestoringExport(overlay, open_target(str(tmp_path / "t2.img"), base.size))
+    stopped.CHUNK = 4096
+    stopped._stop.set()  # stopped before it began: never claims to be in sync
+    stopped.start()
+    stopped.stop()
+    assert not stopped.in_sync.is_set() and stopped.copied < base.size

@@ -12,7 +12,8 @@ from typing import Protocol
 from umbra.cow.bitmap import Bitmap
 from umbra.cow.engine import CowVolume
 from umbra.repo.view import BlockView
-from umbra.volume.blockio import pwrite_all
+from umbra.volume.blockio import pwrite_all, write_zeros
+from umbra.volume.sink import Target
 from umbra.volume.source import data_extents
 
 Run = tuple[int, int, bool]  # start, end, has data (False: reads as zeros)
@@ -209,6 +210,77 @@ class OverlayExport:
                 yield start, stop, True
             else:
                 yield from self.base.allocation(start, stop - start)
+
+
+class RestoringExport:
+    """Instant recovery: a writable export that is copied onto real storage in the background
+    while it is in use.  A copy cursor moves through the volume; a client write below the cursor
+    goes to the target as well, one above it is picked up when the cursor gets there, so once the
+    cursor reaches the end the target holds exactly what the clients see, and stays so."""
+
+    read_only = False
+    CHUNK = 4 << 20
+
+    def __init__(self, overlay: OverlayExport, target: Target) -> None:
+        self.overlay = overlay
+        self.target = target
+        self.name, self.size = overlay.name, overlay.size
+        self.description = f"{overlay.description}, being restored to {target.path}"
+        self.copied = 0  # the cursor: everything below it is on the target
+        self.error: BaseException | None = None
+        self.in_sync = threading.Event()
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._copy, name="umbra-restore", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _copy(self) -> None:
+        try:
+            while self.copied < self.size and not self._stop.is_set():
+                with self._lock:
+                    n = min(self.CHUNK, self.size - self.copied)
+                    data = self.overlay.read(self.copied, n)
+                    if data.count(0) == len(data):
+                        self.target.zero_range(self.copied, n)  # files start as holes; devices need zeros
+                    else:
+                        self.target.write_at(self.copied, data)
+                    self.copied += n
+            if self.copied >= self.size:
+                os.fsync(self.target.fd)
+                self.in_sync.set()
+        except BaseException as exc:  # noqa: BLE001 - reported by the command when it stops
+            self.error = exc
+
+    def read(self, offset: int, length: int) -> bytes:
+        return self.overlay.read(offset, length)
+
+    def write(self, offset: int, data: bytes, fua: bool) -> None:
+        with self._lock:
+            self.overlay.write(offset, data, fua)
+            below = max(0, min(len(data), self.copied - offset))
+            if below:
+                self.target.write_at(offset, memoryview(data)[:below])
+
+    def zero(self, offset: int, length: int, fua: bool) -> None:
+        with self._lock:
+            self.overlay.zero(offset, length, fua)
+            below = max(0, min(length, self.copied - offset))
+            if below:
+                write_zeros(self.target.fd, offset, below)
+
+    def flush(self) -> None:
+        with self._lock:
+            self.overlay.flush()
+            os.fsync(self.target.fd)
+
+    def allocation(self, offset: int, length: int) -> Iterator[Run]:
+        return self.overlay.allocation(offset, length)
 
 
 def exports_of(volume: CowVolume) -> dict[str, BlockExport]:
