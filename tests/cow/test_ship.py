@@ -16,6 +16,7 @@ from umbra.cow.journal import Journal
 from umbra.cow.ship import Shipper
 from umbra.engine import backup, restore
 from umbra.engine.compact import compact
+from umbra.engine.diff import diff_states
 from umbra.errors import PointNotFound, RepositoryIOError
 from umbra.repo import cdp
 from umbra.repo.check import check
@@ -223,3 +224,17 @@ def test_compaction_thins_old_journal_and_never_loses_a_write_in_the_window(repo
         assert_state(when)
     again = compact(repo, "v", keep_within_s=1.0, every_s=every_s, now_ns=cutoff + 10**9)
     assert again.points == [] and again.batches_deleted == 0  # nothing left to do
+
+
+def test_diff_between_instants_finds_exactly_the_blocks_that_differ(repo: Repository, tmp_path: Path) -> None:
+    s = run_scenario(tmp_path, repo, seed=5, steps=150)
+    times = [t for t, _ in s.history if t >= s.first_point_ns]
+    bs = repo.config.block_size
+    for _ in range(8):
+        t1, t2 = sorted(s.rng.sample(times, 2))
+        a, b = s.expected(t1), s.expected(t2)
+        assert a is not None and b is not None
+        want = [(k, k + bs) for k in range(0, SIZE, bs) if a[k : k + bs] != b[k : k + bs]]
+        _, _, result = diff_states(repo, f"v@{iso_ns(t1)}", f"v@{iso_ns(t2)}")
+        got = [(k, k + bs) for s_, e in result.ranges for k in range(s_, e, bs)]
+        assert got == want

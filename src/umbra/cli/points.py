@@ -8,7 +8,7 @@ import typer
 from rich.table import Table
 
 from umbra.cli.common import JsonOption, RepoOption, emit_json, human_bytes, open_repository, stderr, stdout
-from umbra.engine.diff import diff as engine_diff
+from umbra.engine.diff import diff_states
 from umbra.errors import EXIT_WARNING
 from umbra.repo.manifest import Point
 from umbra.repo.repository import Repository
@@ -63,8 +63,8 @@ def diff(
 ) -> None:
     """Show the byte ranges that differ between two points."""
     with open_repository(repo) as r:
-        a, b = r.resolve(old), r.resolve(new)
-        result = engine_diff(r, a, b)
+        old_state, new_state, result = diff_states(r, old, new)
+        a, b = old_state.point, new_state.point
     if json_out:
         emit_json(
             {

@@ -7,10 +7,12 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 from umbra.errors import UsageError
+from umbra.repo.cdp import Instant, extent_map
 from umbra.repo.format import ZERO_ID
 from umbra.repo.manifest import Point
 from umbra.repo.repository import Repository
 from umbra.repo.tree import TreeReader
+from umbra.repo.view import open_state
 
 
 def tree_reader(repo: Repository, point: Point) -> TreeReader:
@@ -73,3 +75,26 @@ def _merge(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
         else:
             out.append((s, e))
     return out
+
+
+def diff_states(repo: Repository, old_ref: str, new_ref: str) -> tuple[Instant, Instant, DiffResult]:
+    """Like :func:`diff`, for states between points too (``VOLUME@TIME`` with a shipped journal):
+    the blocks that the points' trees or either journal touched are compared byte for byte."""
+    old, old_view = open_state(repo, old_ref)
+    new, new_view = open_state(repo, new_ref)
+    result = diff(repo, old.point, new.point)
+    if not old.records and not new.records:
+        return old, new, result
+    bs = new.point.block_size
+    candidates = {b for s, e in result.ranges for b in range(s // bs, -(-e // bs))}
+    for inst in (old, new):
+        for start, end, _ in extent_map(inst.records, inst.point.size):
+            candidates.update(range(start // bs, -(-end // bs)))
+    limit = max(old.point.size, new.point.size)
+    ranges = []
+    for b in sorted(candidates):
+        start, end = b * bs, min((b + 1) * bs, limit)
+        if old_view.read(start, end - start) != new_view.read(start, end - start):
+            ranges.append((start, end))
+    merged = _merge(ranges)
+    return old, new, DiffResult(merged, sum(e - s for s, e in merged), old.point.size, new.point.size)
