@@ -185,3 +185,40 @@ def test_bookmarks_mark_consistent_instants_on_the_timeline(setup, tmp_path: Pat
     assert out.read_bytes() == at_bookmark
     missing = umbra(repo_dir, "bookmark", "nosuch", "x")
     assert missing.returncode != 0 and "Traceback" not in missing.stderr
+
+
+def test_repository_outage_pauses_shipping_and_loses_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("UMBRA_STATE_DIR", str(tmp_path / "states"))
+    monkeypatch.setenv("UMBRA_PASSWORD", "secret")
+    repo_dir = tmp_path / "repo"
+    repo = Repository.init(LocalBackend(repo_dir), "secret", block_size=16384)
+    image = tmp_path / "data.img"
+    image.write_bytes(random.Random(6).randbytes(SIZE))
+    d = Protected(image, "data", tmp_path / "states" / "data", "--repo", str(repo_dir), "--journal-max", "256K")
+    try:
+        work = Workload(d.state / "nbd.sock", image.read_bytes(), seed=4)
+        opts = backup_set.SetBackupOptions(["data"], ["data"], "full", set_options=SetOptions())
+        backup_set.run(repo, opts, [])
+        wait_shipped(d)
+        away = tmp_path / "repo-away"
+        repo_dir.rename(away)  # the repository disappears (an unmounted share, a dead disk)
+        work.run(40)  # far more than --journal-max
+        deadline = time.monotonic() + 30
+        while not (journal := d.client.call("journal"))["shipping"]["last_error"]:
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+        assert journal["over_limit"] and journal["shipping"]["pending_records"] >= 40
+        assert journal["shipping"]["lag_s"] > 0
+        status = d.cli("status", "data").stdout
+        assert "PAUSED" in status and "WARNING: the journal is over --journal-max" in status
+        away.rename(repo_dir)  # back: shipping catches up by itself
+        shipping = wait_shipped(d)
+        assert shipping["last_error"] is None and shipping["lag_s"] == 0
+        assert not d.client.call("journal")["over_limit"]  # shipped segments could be dropped again
+    finally:
+        d.stop()
+    for when, expected in (work.states[-1], work.states[10]):
+        out = tmp_path / "r.img"
+        proc = umbra(repo_dir, "restore", f"data@{iso_ns(when)}", str(out), "--force")
+        assert proc.returncode == 0, proc.stderr
+        assert out.read_bytes() == expected

@@ -222,7 +222,8 @@ def test_restore_to_copies_the_served_volume_while_it_is_written(points: tuple[P
     latest = tmp_path / "latest.img"
     umbra("restore", "v@latest", str(latest), repo=repo)
     sock, target = tmp_path / "nbd.sock", tmp_path / "recovered.img"
-    served = Running(["export", "v@latest", "--nbd", f"unix:{sock}", "--restore-to", str(target)], repo, sock,
+    # the same as `umbra export v@latest --nbd unix:SOCK --restore-to TARGET`
+    served = Running(["restore", "v@latest", str(target), "--from-export", "--nbd", f"unix:{sock}"], repo, sock,
                      tmp_path / "r.log")  # fmt: skip
     uri = f"nbd+unix:///v?socket={sock}"
     expected = bytearray(latest.read_bytes())

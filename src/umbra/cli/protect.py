@@ -141,6 +141,11 @@ def _print_journal(j: dict[str, Any]) -> None:
         f"  journal: {j['records']} records in {j['segments']} segments, {human_bytes(j['bytes'])}; "
         f"{j['first'] or '-'} .. {j['last'] or '-'}; write rate {rate}"
     )
+    if j.get("over_limit"):
+        stdout.print(
+            "  WARNING: the journal is over --journal-max: records not shipped yet are kept until the repository "
+            "takes them (shipping paused?); the history configured cannot be kept in that space"
+        )
     ship = j.get("shipping")
     if ship:
         state = f"PAUSED ({ship['last_error']})" if ship["last_error"] else "ok"

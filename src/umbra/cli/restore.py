@@ -6,6 +6,7 @@ from typing import Annotated
 
 import typer
 
+from umbra.cli import serve_points
 from umbra.cli.common import (
     JsonOption,
     RepoOption,
@@ -17,6 +18,7 @@ from umbra.cli.common import (
     warn_if_journal_behind,
 )
 from umbra.engine import restore as engine_restore
+from umbra.errors import UsageError
 from umbra.repo.cdp import extent_map, instant
 from umbra.repo.pointref import parse_point_ref
 
@@ -26,9 +28,22 @@ def restore(
     target: Annotated[str, typer.Argument(help="Image file or block device to write.")],
     repo: RepoOption = None,
     force: Annotated[bool, typer.Option(help="Overwrite an existing file or a busy device.")] = False,
+    from_export: Annotated[
+        bool,
+        typer.Option(
+            "--from-export",
+            help="Instant recovery: serve the point over NBD (--nbd) at once, writable, restoring meanwhile.",
+        ),
+    ] = False,
+    nbd: Annotated[list[str] | None, typer.Option("--nbd", help="With --from-export: HOST:PORT or unix:PATH.")] = None,
     json_out: JsonOption = False,
 ) -> None:
-    """Restore a point to a file or block device, in one pass."""
+    """Restore a point to a file or block device, in one pass (or, with --from-export, while in use)."""
+    if from_export:  # the same as `umbra export POINT --nbd ADDR --restore-to TARGET`
+        serve_points.export(point, nbd, restore_to=target, force=force, repo=repo, json_out=json_out)
+        return
+    if nbd:
+        raise UsageError("--nbd goes with --from-export")
     with open_repository(repo) as r:
         inst = instant(r, parse_point_ref(point))
         warn_if_journal_behind(inst)

@@ -395,6 +395,13 @@ class ProtectDaemon:
             "sync": self.opts.sync,
             "id": self.journal.id,
             "shipping": self.shipper.status_doc() if self.shipper is not None else None,
+            # over --journal-max only because records wait to be shipped: the history cannot be kept
+            "over_limit": bool(
+                self.journal.max_bytes
+                and st.bytes > self.journal.max_bytes
+                and self.shipper is not None
+                and self.shipper.status().pending_records
+            ),
         }
 
     def op_stop(self) -> None:
