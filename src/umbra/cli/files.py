@@ -13,6 +13,13 @@ from umbra.cli.common import JsonOption, RepoOption, emit_json, human_bytes, ope
 from umbra.engine import files as engine_files
 from umbra.volume.filesystem import Entry
 
+_SINGULAR = {
+    "files": "file",
+    "directories": "directory",
+    "symlinks": "symlink",
+    "hard links": "hard link",
+    "special files": "special file",
+}
 PointArgument = Annotated[str, typer.Argument(help="Point: id prefix, VOLUME@latest or VOLUME@TIME.")]
 
 
@@ -75,7 +82,8 @@ def extract(
             }
         )
         return
-    counts = ", ".join(f"{n} {kind}" for kind, n in sorted(result.counts.items())) or "nothing"
+    counts = ", ".join(f"{n} {kind if n != 1 else _SINGULAR[kind]}" for kind, n in sorted(result.counts.items()))
+    counts = counts or "nothing"
     stdout.print(
         f"extracted {counts} ({human_bytes(result.bytes_written)} of data) from point {p.short_id} of {p.volume} "
         f"into {dest}; read {human_bytes(view.bytes_fetched)} of the {human_bytes(p.size)} image",
