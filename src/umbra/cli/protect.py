@@ -47,6 +47,9 @@ def protect(
         str | None,
         typer.Option("--repo", "-r", help="Ship the CDP journal into this repository continuously (VOLUME@TIME)."),
     ] = None,
+    ship_interval: Annotated[
+        float, typer.Option(help="With --repo: seconds between journal batches (lag against batch count).")
+    ] = 0.25,
     json_out: JsonOption = False,
 ) -> None:
     """Serve SOURCE as protected volume NAME until SIGTERM: every write passes through umbra."""
@@ -68,6 +71,7 @@ def protect(
         journal=not no_journal,
         journal_max=parse_size(journal_max) if journal_max else None,
         repo=Repository.open(open_backend(repo), passphrase) if repo else None,
+        ship_interval=ship_interval,
     )
 
     def ready(doc: dict[str, Any]) -> None:

@@ -306,16 +306,28 @@ class Journal:
 
     # --- reading -----------------------------------------------------------------------------
 
-    def records(self, with_data: bool = True, after_seq: int = 0) -> Iterator[Record]:
+    def records(
+        self, with_data: bool = True, after_seq: int = 0, hint: dict[str, int] | None = None
+    ) -> Iterator[Record]:
         """Every record (with seq > ``after_seq``), oldest first; reads the segment files and is
-        safe while appending.  Segments that end at or before ``after_seq`` are not read."""
+        safe while appending.  Segments that end at or before ``after_seq`` are not read.
+
+        ``hint`` (a dict the caller keeps between calls) remembers where the last record read
+        ends, so a reader that follows the journal (the shipper) starts there instead of checking
+        the segment from its start again; it is used only while it lies at or before ``after_seq``.
+        """
         with self._lock:
             segments = list(self._segments)
         for i, seg in enumerate(segments):
             if i + 1 < len(segments) and segments[i + 1].first_seq - 1 <= after_seq:
                 continue
+            start = None
+            if hint and hint.get("segment") == seg.first_seq and hint["seq"] <= after_seq:
+                start = hint["pos"]
             try:
-                for record in _segment_records(seg, with_data):
+                for record, end in _segment_records(seg, with_data, start):
+                    if hint is not None:
+                        hint.update(segment=seg.first_seq, pos=end, seq=record.seq)
                     if record.seq > after_seq:
                         yield record
             except FileNotFoundError:
@@ -357,15 +369,16 @@ class Journal:
                 self._fd = None
 
 
-def _segment_records(seg: _Segment, with_data: bool) -> Iterator[Record]:
+def _segment_records(seg: _Segment, with_data: bool, start: int | None = None) -> Iterator[tuple[Record, int]]:
+    """(record, offset where it ends) from ``start`` (default: the first record)."""
     with open(seg.path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
         key = _key(seg.salt)
-        pos = SEGMENT_HEADER.size + 32
+        pos = SEGMENT_HEADER.size + 32 if start is None else start
         while pos < len(m):
             end = _check_record(m, pos, key)
             if end is None:
                 return  # the tail being appended right now
-            yield _parse(m, pos, with_data)
+            yield _parse(m, pos, with_data), end
             pos = end
 
 

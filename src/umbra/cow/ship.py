@@ -12,8 +12,10 @@ them (``Journal.keep_after``) however small its size limit.  A repository that c
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 
 from umbra.cow.journal import MARK, WRITE, ZERO, Journal, Record
@@ -58,6 +60,8 @@ class Shipper:
         self.shipped_seq: int | None = None  # read from the repository by the first batch
         journal.keep_after = 0  # until then, keep every record
         self._index_names: set[str] = set()
+        self._hint: dict[str, int] = {}  # where the journal was last read (Journal.records)
+        self._pool = ThreadPoolExecutor(max_workers=max(2, os.cpu_count() or 2), thread_name_prefix="umbra-seal")
         self._shipped_ns: int | None = None
         self._oldest_pending_ns: int | None = None
         self._batches = 0
@@ -84,6 +88,7 @@ class Shipper:
                     pass
             except (UmbraError, OSError) as exc:
                 log.warning("journal shipping: %s (records stay in the local journal)", exc)
+        self._pool.shutdown()
 
     def kick(self) -> None:
         self._wake.set()
@@ -112,7 +117,7 @@ class Shipper:
     def _pending(self, after_seq: int) -> list[Record]:
         batch: list[Record] = []
         size = 0
-        for record in self.journal.records(with_data=True, after_seq=after_seq):
+        for record in self.journal.records(with_data=True, after_seq=after_seq, hint=self._hint):
             batch.append(record)
             size += len(record.data)
             if size >= self.max_batch_bytes:
@@ -142,7 +147,12 @@ class Shipper:
                 self._index_names = names
             writer = BlobWriter(self.repo)
             try:
-                stored = [self._convert(record, writer) for record in records]
+                new: dict[bytes, bytes] = {}
+                stored = [self._convert(record, writer, new) for record in records]
+                seal = self.repo.crypto.seal_blob  # compression and encryption release the GIL
+                sealed = self._pool.map(lambda item: (item[0], seal(BlobType.DATA, *item), len(item[1])), new.items())
+                for blob_id, envelope, n in sealed:
+                    writer.add(BlobType.DATA, blob_id, envelope, n)
                 stats = writer.finish()
             except BaseException:
                 writer.abort()
@@ -160,7 +170,8 @@ class Shipper:
         self.journal.enforce_limit()
         return sum(len(r.data) for r in records) >= self.max_batch_bytes
 
-    def _convert(self, record: Record, writer: BlobWriter) -> CdpRecord:
+    def _convert(self, record: Record, writer: BlobWriter, new: dict[bytes, bytes]) -> CdpRecord:
+        """The record as stored; the pieces of data the repository lacks go into ``new``."""
         kind = KIND_NAMES[record.kind]
         if record.kind == MARK:
             return CdpRecord(record.seq, record.time_ns, kind, mark=record.mark)
@@ -169,8 +180,8 @@ class Shipper:
         pieces: list[tuple[bytes, int]] = []
         lengths = cdp.piece_lengths(self.repo.config.block_size, record.offset, record.length)
         for (blob_id, piece), n in zip(cdp.split_write(self.repo, record.offset, record.data), lengths, strict=True):
-            if blob_id != ZERO_ID and piece is not None and not writer.known(blob_id):
-                writer.add(BlobType.DATA, blob_id, self.repo.crypto.seal_blob(BlobType.DATA, blob_id, piece), n)
+            if blob_id != ZERO_ID and piece is not None and blob_id not in new and not writer.known(blob_id):
+                new[blob_id] = piece
             pieces.append((blob_id, n))
         return CdpRecord(record.seq, record.time_ns, kind, record.offset, record.length, pieces)
 
