@@ -238,3 +238,20 @@ def test_diff_between_instants_finds_exactly_the_blocks_that_differ(repo: Reposi
         _, _, result = diff_states(repo, f"v@{iso_ns(t1)}", f"v@{iso_ns(t2)}")
         got = [(k, k + bs) for s_, e in result.ranges for k in range(s_, e, bs)]
         assert got == want
+
+
+def test_shipping_merges_its_index_files_and_survives_prune_between_batches(repo: Repository, tmp_path: Path) -> None:
+    s = Scenario(tmp_path, repo, seed=6)
+    s.take_point()
+    for round_ in range(80):  # one batch per round
+        s.write()
+        s.shipper.ship_once()
+        if round_ == 50:
+            with repo.lock(exclusive=True):
+                prune(repo, Policy(keep_last=1))  # rewrites every index file under the shipper
+    assert len(cdp.list_batches(repo)) >= 80
+    assert len(list(repo.backend.list("index"))) < 40  # not one per batch
+    repo.invalidate_index()
+    assert check(repo, read_data=True).ok
+    for when, expected in s.history[-30:]:
+        assert open_state(repo, f"v@{iso_ns(when)}")[1].read(0, SIZE) == expected

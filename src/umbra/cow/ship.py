@@ -11,6 +11,7 @@ them (``Journal.keep_after``) however small its size limit.  A repository that c
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import threading
@@ -19,15 +20,18 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 
 from umbra.cow.journal import MARK, WRITE, ZERO, Journal, Record
-from umbra.errors import UmbraError
+from umbra.errors import ObjectMissing, UmbraError
 from umbra.repo import cdp
 from umbra.repo.cdp import BatchRef, CdpRecord
 from umbra.repo.format import ZERO_ID, BlobType
+from umbra.repo.index import encode_index
+from umbra.repo.pack import PackEntry
 from umbra.repo.repository import Repository
 from umbra.repo.writer import BlobWriter
 
 log = logging.getLogger(__name__)
 KIND_NAMES = {WRITE: cdp.WRITE, ZERO: cdp.ZERO, MARK: cdp.MARK}
+MERGE_INDEX_FILES = 32  # batches whose index files are merged into one
 
 
 @dataclass
@@ -61,6 +65,8 @@ class Shipper:
         journal.keep_after = 0  # until then, keep every record
         self._index_names: set[str] = set()
         self._hint: dict[str, int] = {}  # where the journal was last read (Journal.records)
+        self._own_index_files: list[str] = []  # index files of our batches since the last merge
+        self._own_packs: dict[str, list[PackEntry]] = {}
         self._pool = ThreadPoolExecutor(max_workers=max(2, os.cpu_count() or 2), thread_name_prefix="umbra-seal")
         self._shipped_ns: int | None = None
         self._oldest_pending_ns: int | None = None
@@ -145,6 +151,8 @@ class Shipper:
             if names != self._index_names:  # a backup or prune ran since the last batch
                 self.repo.invalidate_index()
                 self._index_names = names
+                if not {f"index/{n}" for n in self._own_index_files} <= names:
+                    self._own_index_files, self._own_packs = [], {}  # prune rewrote them: nothing to merge
             writer = BlobWriter(self.repo)
             try:
                 new: dict[bytes, bytes] = {}
@@ -159,6 +167,11 @@ class Shipper:
                 raise
             data = cdp.encode_batch(self.repo, ref, self.volume, self.journal.volume_size, stored)
             self.repo.store_content_addressed(ref.name, data)
+            self._own_index_files += writer.index_files
+            self._own_packs.update(writer.packs_indexed)
+            self._index_names |= {f"index/{n}" for n in writer.index_files}  # ours: no reload for them
+            if len(self._own_index_files) >= MERGE_INDEX_FILES:
+                self._merge_own_index_files()
         with self._lock:
             self.shipped_seq = ref.last_seq
             self._shipped_ns = records[-1].time_ns
@@ -169,6 +182,18 @@ class Shipper:
         self.journal.keep_after = ref.last_seq
         self.journal.enforce_limit()
         return sum(len(r.data) for r in records) >= self.max_batch_bytes
+
+    def _merge_own_index_files(self) -> None:
+        """One index file for the packs of the last batches instead of one per batch (the merged
+        file is stored before the ones it replaces are deleted; they list only our own packs)."""
+        index_id, data = encode_index(self.repo.crypto, self._own_packs)
+        self.repo.store_content_addressed(f"index/{index_id}", data)
+        for name in self._own_index_files:
+            if name != index_id:
+                with contextlib.suppress(ObjectMissing):
+                    self.repo.backend.delete(f"index/{name}")
+        self._own_index_files, self._own_packs = [], {}
+        self._index_names = set(self.repo.backend.list("index"))
 
     def _convert(self, record: Record, writer: BlobWriter, new: dict[bytes, bytes]) -> CdpRecord:
         """The record as stored; the pieces of data the repository lacks go into ``new``."""

@@ -45,6 +45,7 @@ class BlobWriter:
         self._unindexed: dict[str, list[PackEntry]] = {}
         self._lock = threading.Lock()
         self.index_files: list[str] = []
+        self.packs_indexed: dict[str, list[PackEntry]] = {}  # what this writer's index files list
 
     def known(self, blob_id: bytes) -> bool:
         return blob_id in self._pending or blob_id in self.index
@@ -96,6 +97,7 @@ class BlobWriter:
         for pack_id, entries in packs.items():
             self.index.add_pack(pack_id, entries)
         self.index_files.append(index_id)
+        self.packs_indexed.update(packs)
 
     def finish(self) -> WriterStats:
         """Store the last pack and index everything; afterwards every added blob is loadable."""
