@@ -36,6 +36,7 @@ from umbra.errors import ProtectError, UsageError
 from umbra.frontends.control import MAX_LINE, encode_error
 from umbra.frontends.exports import exports_of
 from umbra.frontends.nbd.server import NbdServer
+from umbra.frontends.serve import run_loop
 from umbra.repo.repository import Repository
 from umbra.volume.backing import Backing, open_backing
 from umbra.volume.extents import merge
@@ -430,6 +431,6 @@ def run_daemon(opts: ProtectOptions, ready: Callable[[dict[str, Any]], None] | N
     daemon = ProtectDaemon(opts)
     daemon.open()
     try:
-        asyncio.run(daemon.serve(ready))
+        run_loop(daemon.serve(ready))
     finally:
         daemon.close()

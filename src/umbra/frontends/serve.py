@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import asyncio
 import signal
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any
+
+import uvloop
 
 from umbra.errors import ServeError
 from umbra.frontends.exports import BlockExport
@@ -26,9 +28,15 @@ class ServeOptions:
     fuse_tree: FileSystem | None = None  # ... or, if set, this filesystem's files
 
 
+def run_loop(main: Coroutine[Any, Any, None]) -> None:
+    """Run a front end's event loop on uvloop: libuv's sockets roughly double what one NBD
+    connection moves for large requests (bench/RESULTS.md)."""
+    uvloop.run(main)
+
+
 def serve(opts: ServeOptions, ready: Callable[[dict[str, Any]], None] | None = None) -> None:
     """Block until stopped; ``ready`` gets the addresses and files once everything listens."""
-    asyncio.run(_serve(opts, ready))
+    run_loop(_serve(opts, ready))
 
 
 async def _serve(opts: ServeOptions, ready: Callable[[dict[str, Any]], None] | None) -> None:
