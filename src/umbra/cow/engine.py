@@ -102,6 +102,7 @@ class CowVolume:
         self._cond = threading.Condition()
         self._snaps: dict[str, _Snap] = {}
         self._inflight = 0
+        self._ranges: list[tuple[int, int]] = []  # byte ranges being written right now
         self._barrier = 0
         self.writes = 0
         self.bytes_written = 0
@@ -126,11 +127,11 @@ class CowVolume:
         self._check_range(offset, length)
         if not length:
             return
-        self._begin_write(offset, length, data)
+        span = self._begin_write(offset, length, data)
         try:
             io()
         finally:
-            self._end_write()
+            self._end_write(span)
         if fua or self.sync:
             self.flush()
 
@@ -140,11 +141,15 @@ class CowVolume:
             self.journal.commit()
         self.backing.flush()
 
-    def _begin_write(self, offset: int, length: int, data: bytes | memoryview | None) -> None:
+    def _begin_write(self, offset: int, length: int, data: bytes | memoryview | None) -> tuple[int, int]:
+        """Preserve, track and journal under the lock.  A write that overlaps one in flight waits
+        for it, so overlapping writes reach the volume in their journal order (what CDP replays)."""
         first, end = offset // self.chunk_size, (offset + length - 1) // self.chunk_size + 1
+        span = (offset, offset + length)
         with self._cond:
-            while self._barrier:
+            while self._barrier or any(s < span[1] and span[0] < e for s, e in self._ranges):
                 self._cond.wait()
+            self._ranges.append(span)
             self._preserve(first, end)
             if self.tracker is not None:
                 self.tracker.mark(first, end)
@@ -156,12 +161,13 @@ class CowVolume:
             self._inflight += 1
             self.writes += 1
             self.bytes_written += length
+        return span
 
-    def _end_write(self) -> None:
+    def _end_write(self, span: tuple[int, int]) -> None:
         with self._cond:
             self._inflight -= 1
-            if not self._inflight:
-                self._cond.notify_all()
+            self._ranges.remove(span)
+            self._cond.notify_all()  # the barrier and writes waiting for an overlapping range
 
     def _preserve(self, first: int, end: int) -> None:
         live = [s for s in self._snaps.values() if s.failed is None]
