@@ -60,6 +60,7 @@ class ProtectOptions:
     store_limit: int | None = None  # default: the volume's size
     journal: bool = True
     journal_max: int | None = None
+    journal_direct: bool = False
     commit_interval: float = 0.05
     repo: Repository | None = None  # ship the journal into this repository
     ship_interval: float = 0.25
@@ -109,6 +110,7 @@ class ProtectDaemon:
                     self.backing.size,
                     commit_interval=opts.commit_interval,
                     max_bytes=opts.journal_max,
+                    direct=opts.journal_direct,
                 )
                 torn = self.journal.stats().recovered_tail_bytes
                 if torn:
