@@ -90,8 +90,8 @@ class Shipper:
             self._thread.join()
         if drain:
             try:
-                while self.ship_once():
-                    pass
+                while self.ship_once():  # until a batch is not full: nothing more waits
+                    continue
             except (UmbraError, OSError) as exc:
                 log.warning("journal shipping: %s (records stay in the local journal)", exc)
         self._pool.shutdown()
