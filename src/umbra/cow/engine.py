@@ -50,8 +50,6 @@ class WriteLog(Protocol):
     def commit(self) -> None: ...
     @property
     def last_seq(self) -> int: ...
-    @property
-    def id(self) -> str: ...
 
 
 @dataclass
@@ -101,7 +99,6 @@ class CowVolume:
         self.sync = sync  # every write durable before it is acknowledged
         self._cond = threading.Condition()
         self._snaps: dict[str, _Snap] = {}
-        self._inflight = 0
         self._ranges: list[tuple[int, int]] = []  # byte ranges being written right now
         self._barrier = 0
         self.writes = 0
@@ -158,14 +155,12 @@ class CowVolume:
                     self.journal.append_zero(offset, length)
                 else:
                     self.journal.append_write(offset, data)
-            self._inflight += 1
             self.writes += 1
             self.bytes_written += length
         return span
 
     def _end_write(self, span: tuple[int, int]) -> None:
         with self._cond:
-            self._inflight -= 1
             self._ranges.remove(span)
             self._cond.notify_all()  # the barrier and writes waiting for an overlapping range
 
@@ -206,7 +201,7 @@ class CowVolume:
                 raise UsageError(f"snapshot {name!r} of {self.name} exists")
             self._barrier += 1
             try:
-                while self._inflight:
+                while self._ranges:  # writes in flight drain first
                     self._cond.wait()
                 protected = Bitmap(self.nchunks, fill=used is None)
                 for start, end in used or []:

@@ -17,13 +17,13 @@ import os
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 from umbra.cow.journal import MARK, WRITE, ZERO, Journal, Record
 from umbra.errors import ObjectMissing, UmbraError
 from umbra.repo import cdp
 from umbra.repo.cdp import BatchRef, CdpRecord
-from umbra.repo.format import ZERO_ID, BlobType
+from umbra.repo.format import BlobType
 from umbra.repo.index import encode_index
 from umbra.repo.pack import PackEntry
 from umbra.repo.repository import Repository
@@ -203,9 +203,8 @@ class Shipper:
         if record.kind == ZERO:
             return CdpRecord(record.seq, record.time_ns, kind, record.offset, record.length)
         pieces: list[tuple[bytes, int]] = []
-        lengths = cdp.piece_lengths(self.repo.config.block_size, record.offset, record.length)
-        for (blob_id, piece), n in zip(cdp.split_write(self.repo, record.offset, record.data), lengths, strict=True):
-            if blob_id != ZERO_ID and piece is not None and blob_id not in new and not writer.known(blob_id):
+        for blob_id, piece, n in cdp.split_write(self.repo, record.offset, record.data):
+            if piece is not None and blob_id not in new and not writer.known(blob_id):
                 new[blob_id] = piece
             pieces.append((blob_id, n))
         return CdpRecord(record.seq, record.time_ns, kind, record.offset, record.length, pieces)
@@ -229,6 +228,3 @@ class Shipper:
                 self._error,
                 None if self._last_batch_s is None else round(self._last_batch_s, 3),
             )
-
-    def status_doc(self) -> dict[str, object]:
-        return asdict(self.status())

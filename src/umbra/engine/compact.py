@@ -46,8 +46,7 @@ def materialize(repo: Repository, volume: str, when_ns: int, consistency: str, t
     inst, view = open_state(repo, PointRef(f"{volume}@{when_ns}ns", volume=volume, time=moment, time_ns=when_ns))
     base = inst.point
     bs, fanout = base.block_size, base.fanout
-    extents = cdp.extent_map(inst.records, base.size)
-    changed = sorted({b for start, end, _ in extents for b in range(start // bs, -(-end // bs))})
+    changed = sorted({b for start, end, _ in view.extents for b in range(start // bs, -(-end // bs))})
     writer = BlobWriter(repo)
     tree = TreeBuilder(fanout, lambda node: _store_node(repo, writer, node))
     reader = repo.tree_reader(base)
@@ -109,8 +108,8 @@ def _plan(points: list[Point], batches: list[cdp.Batch], cutoff_ns: int, every_n
             t = record.time_ns
             if t <= first_point or t > cutoff_ns:
                 continue
-            mark = record.mark
-            if record.kind == cdp.MARK and mark.get("kind") == "bookmark" and mark.get("time_ns"):
+            mark = cdp.bookmark_of(record)
+            if mark is not None:
                 at = int(mark["time_ns"])
                 if first_point < at <= cutoff_ns:
                     wanted[at] = (f"bookmark {mark.get('name')}", str(mark.get("consistency") or "crash-consistent"))

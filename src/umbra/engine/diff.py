@@ -7,7 +7,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 from umbra.errors import UsageError
-from umbra.repo.cdp import Instant, extent_map
+from umbra.repo.cdp import Instant
 from umbra.repo.format import ZERO_ID
 from umbra.repo.manifest import Point
 from umbra.repo.repository import Repository
@@ -87,8 +87,8 @@ def diff_states(repo: Repository, old_ref: str, new_ref: str) -> tuple[Instant, 
         return old, new, result
     bs = new.point.block_size
     candidates = {b for s, e in result.ranges for b in range(s // bs, -(-e // bs))}
-    for inst in (old, new):
-        for start, end, _ in extent_map(inst.records, inst.point.size):
+    for view in (old_view, new_view):
+        for start, end, _ in view.extents:
             candidates.update(range(start // bs, -(-end // bs)))
     limit = max(old.point.size, new.point.size)
     ranges = []

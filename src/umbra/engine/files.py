@@ -10,6 +10,7 @@ filesystem accepts them (what it refuses is reported, not fatal).
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import stat
@@ -138,10 +139,8 @@ class _Extractor:
     # --- kinds ---------------------------------------------------------------------------------
 
     def _dir(self, dir_fd: int, rel: bytes, entry: Entry, depth: int, seen: set[int]) -> None:
-        try:
-            os.mkdir(entry.name, 0o700, dir_fd=dir_fd)
-        except FileExistsError:
-            pass  # merged into an existing directory, never through a symlink (O_NOFOLLOW below)
+        with contextlib.suppress(FileExistsError):  # merged into an existing directory, never
+            os.mkdir(entry.name, 0o700, dir_fd=dir_fd)  # through a symlink (O_NOFOLLOW below)
         try:
             fd = os.open(entry.name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
         except OSError as exc:

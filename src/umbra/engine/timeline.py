@@ -79,8 +79,8 @@ def timeline(repo: Repository, volume: str) -> tuple[list[Event], dict[str, Any]
             span["last_ns"] = last if span["last_ns"] is None else max(span["last_ns"], last)
             span["records"] += len(batch.records)
             for record in batch.records:
-                mark = record.mark
-                if record.kind == cdp.MARK and mark.get("kind") == "bookmark" and mark.get("time_ns"):
+                mark = cdp.bookmark_of(record)
+                if mark is not None:
                     detail = {"journal": journal, "seq": mark.get("seq"), "set_id": mark.get("set_id")}
                     event = Event(
                         int(mark["time_ns"]), "bookmark", str(mark.get("name")), str(mark.get("consistency")), detail

@@ -386,6 +386,7 @@ class ProtectDaemon:
             return None
         st = self.journal.stats()
         span = (st.last_ns - st.first_ns) / 1e9 if st.first_ns and st.last_ns else 0.0
+        shipping = self.shipper.status() if self.shipper is not None else None
         return {
             "segments": st.segments,
             "records": st.records,
@@ -397,13 +398,10 @@ class ProtectDaemon:
             "recovered_tail_bytes": st.recovered_tail_bytes,
             "sync": self.opts.sync,
             "id": self.journal.id,
-            "shipping": self.shipper.status_doc() if self.shipper is not None else None,
+            "shipping": asdict(shipping) if shipping is not None else None,
             # over --journal-max only because records wait to be shipped: the history cannot be kept
             "over_limit": bool(
-                self.journal.max_bytes
-                and st.bytes > self.journal.max_bytes
-                and self.shipper is not None
-                and self.shipper.status().pending_records
+                self.journal.max_bytes and st.bytes > self.journal.max_bytes and shipping and shipping.pending_records
             ),
         }
 

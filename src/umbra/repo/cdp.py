@@ -86,28 +86,20 @@ def batch_name(journal: str, first_seq: int, last_seq: int) -> str:
     return f"{CDP_DIR}/{journal}-{first_seq:016x}-{last_seq:016x}"
 
 
-def split_write(repo: Repository, offset: int, data: bytes | memoryview) -> Iterator[tuple[bytes, bytes | None]]:
-    """(blob id, piece) for a write cut at block boundaries; all-zero pieces are (ZERO_ID, None)."""
+def split_write(repo: Repository, offset: int, data: bytes | memoryview) -> Iterator[tuple[bytes, bytes | None, int]]:
+    """(blob id, piece, length) for a write cut at block boundaries; all-zero pieces are
+    (ZERO_ID, None, length)."""
     bs = repo.config.block_size
     view = memoryview(data)
     pos = 0
     while pos < len(view):
         n = min(len(view) - pos, bs - (offset + pos) % bs)
-        piece = view[pos : pos + n]
-        if bytes(piece).count(0) == n:
-            yield ZERO_ID, None
+        piece = bytes(view[pos : pos + n])
+        if piece.count(0) == n:
+            yield ZERO_ID, None, n
         else:
-            yield repo.crypto.blob_id(piece), bytes(piece)
+            yield repo.crypto.blob_id(piece), piece, n
         pos += n
-
-
-def piece_lengths(block_size: int, offset: int, length: int) -> list[int]:
-    out, pos = [], offset
-    while pos < offset + length:
-        n = min(offset + length - pos, block_size - pos % block_size)
-        out.append(n)
-        pos += n
-    return out
 
 
 def encode_batch(repo: Repository, ref: BatchRef, volume: str, volume_size: int, records: list[CdpRecord]) -> bytes:
@@ -147,6 +139,13 @@ def load_batch(repo: Repository, ref: BatchRef) -> Batch:
     if not records or records[0].seq != ref.first_seq or records[-1].seq != ref.last_seq:
         raise IntegrityError(f"{what}: records do not match its name")
     return Batch(ref, str(doc["volume"]), int(doc["volume_size"]), records)
+
+
+def bookmark_of(record: CdpRecord) -> dict[str, Any] | None:
+    """The mark of a bookmark record (with the instant it names in ``time_ns``), else None."""
+    if record.kind == MARK and record.mark.get("kind") == "bookmark" and record.mark.get("time_ns"):
+        return record.mark
+    return None
 
 
 def referenced_blobs(batch: Batch) -> Iterator[bytes]:
@@ -244,25 +243,15 @@ class ExtentMap:
         if end <= start:
             return
         i = bisect.bisect_right(self.ends, start)  # first extent ending after start
-        new_starts, new_ends, new_sources = [], [], []
-        j = i
-        while j < len(self.starts) and self.starts[j] < end:
-            s, e, src = self.starts[j], self.ends[j], self.sources[j]
-            if s < start:
-                new_starts.append(s)
-                new_ends.append(start)
-                new_sources.append(src)
-            if e > end:
-                new_starts.append(end)
-                new_ends.append(e)
-                new_sources.append(src)
-            j += 1
-        left = [k for k in range(len(new_starts)) if new_starts[k] < start]
-        right = [k for k in range(len(new_starts)) if new_starts[k] >= end]
-        starts = [new_starts[k] for k in left] + [start] + [new_starts[k] for k in right]
-        ends = [new_ends[k] for k in left] + [end] + [new_ends[k] for k in right]
-        sources = [new_sources[k] for k in left] + [source] + [new_sources[k] for k in right]
-        self.starts[i:j], self.ends[i:j], self.sources[i:j] = starts, ends, sources
+        j = bisect.bisect_left(self.starts, end, lo=i)  # first extent starting at or after end
+        pieces = [(start, end, source)]
+        if i < j and self.starts[i] < start:  # only the first overlapped extent can stick out left
+            pieces.insert(0, (self.starts[i], start, self.sources[i]))
+        if i < j and self.ends[j - 1] > end:  # and only the last one right
+            pieces.append((end, self.ends[j - 1], self.sources[j - 1]))
+        self.starts[i:j] = [s for s, _, _ in pieces]
+        self.ends[i:j] = [e for _, e, _ in pieces]
+        self.sources[i:j] = [src for _, _, src in pieces]
 
     def overlapping(self, start: int, end: int) -> Iterator[tuple[int, int, tuple[bytes, int]]]:
         i = bisect.bisect_right(self.ends, start)

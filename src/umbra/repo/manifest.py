@@ -10,16 +10,16 @@ import json
 import os
 import re
 from dataclasses import asdict, dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from typing import Any
 
 from umbra.errors import IntegrityError, UnsupportedFormat
 from umbra.repo.crypto import Crypto
 from umbra.repo.format import AAD_MANIFEST, FORMAT_VERSION
+from umbra.repo.pointref import to_ns
 
 VOLUME_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 BACKUP_TYPES = ("full", "incremental", "differential")
-_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
 def new_point_id() -> str:
@@ -70,7 +70,7 @@ class Point:
         (the backup itself starts a little later), else the point's time."""
         if self.cdp.get("time_ns"):
             return int(self.cdp["time_ns"])
-        return (self.time - _EPOCH) // timedelta(microseconds=1) * 1000
+        return to_ns(self.time)
 
     @property
     def short_id(self) -> str:

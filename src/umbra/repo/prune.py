@@ -5,7 +5,7 @@ never from file timestamps.  Ordering, so a crash at any step leaves every remai
 
 1. delete the manifests of forgotten points;
 2. mark: every tree node and block referenced by the remaining points and by every shipped CDP
-   journal batch (batches are kept whole until CDP retention and compaction exist);
+   journal batch (prune keeps batches whole: `cdp compact` is what removes them);
 3. repack the live blobs of mostly-dead packs (unreferenced blobs and extra copies of a blob count
    as dead) into new packs (sealed envelopes are copied as they
    are: their associated data names the blob, not the pack), and index the new packs;
@@ -84,7 +84,7 @@ def prune(
         repo.delete_point(p.id)
     kept_ids = {p.id for p in keep}
     for name in repo.verification_names():  # results of `umbra verify` go with their point
-        if name.split("/", 1)[1].split("-", 1)[0] not in kept_ids:
+        if repo.verification_point(name) not in kept_ids:
             repo.backend.delete(name)
     step("forgotten")
     collect_garbage(repo, keep, result, step)

@@ -339,6 +339,11 @@ class Repository:
     def verification_names(self) -> list[str]:
         return list(self.backend.list("verify"))
 
+    @staticmethod
+    def verification_point(name: str) -> str:
+        """The point a ``verify/<point id>-<time>`` object belongs to."""
+        return name.split("/", 1)[1].split("-", 1)[0]
+
     def load_verification(self, name: str) -> dict[str, Any]:
         body = self.crypto.open(self.backend.load(name), AAD_VERIFY + name.encode(), name)
         try:
@@ -350,7 +355,7 @@ class Repository:
         """The newest stored `umbra verify` result of each point that has one."""
         newest: dict[str, str] = {}
         for name in self.verification_names():  # verify/<point id>-<time, fixed-width hex>
-            point_id = name.split("/", 1)[1].split("-", 1)[0]
+            point_id = self.verification_point(name)
             newest[point_id] = max(newest.get(point_id, ""), name)
         return {point_id: self.load_verification(name) for point_id, name in newest.items()}
 

@@ -62,6 +62,7 @@ class PointView:
         self._nodes: OrderedDict[tuple[bytes, int, int], list[bytes]] = OrderedDict()
         self.bytes_fetched = 0  # plaintext bytes of blocks loaded from packs (cache misses)
         self.blocks_fetched = 0
+        self.extents = ExtentMap()  # what journal records change on top of the point: nothing here
 
     # --- tree --------------------------------------------------------------------------------
 

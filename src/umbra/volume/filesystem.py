@@ -242,19 +242,13 @@ class FileSystem:
 
     def read_file(self, entry: Entry) -> Iterator[tuple[int, bytes]]:
         """(offset, data) chunks of a regular file; holes come back as zeros."""
-        f = self._open(entry.inode)
         offset = 0
         while offset < entry.size:
             n = min(READ_CHUNK, entry.size - offset)
-            try:
-                data = bytes(f.read_random(offset, n))
-            except OSError as exc:
-                reason = f"cannot read {entry.path.decode(errors='replace')} at {offset}: {exc}"
-                raise FileSystemError(point=self.label, reason=reason) from None
+            data = self.read_at(entry, offset, n)
             if len(data) != n:
                 reason = f"{entry.path.decode(errors='replace')} is shorter than its size ({offset + len(data)} bytes)"
                 raise FileSystemError(point=self.label, reason=reason)
-            self.bytes_read += n
             yield offset, data
             offset += n
 
