@@ -120,6 +120,53 @@ def test_script_writer_success_flow(repo: Repository, host: Path, tmp_path: Path
     ]
     assert all(p["ok"] for p in point.phases)
     assert not list(host.glob(".umbra-snapshot-*")), "snapshots are deleted after the backup"
+    outcome = repo.set_outcomes()[point.set_id]  # backup-complete happens after the manifest
+    assert outcome["status"] == "ok" and outcome["points"] == [point.id]
+    assert outcome["notified"] == [{"writer": "script", "ok": True, "error": ""}]
+    assert outcome["phases"][-1]["name"] == "backup-complete" and outcome["phases"][-1]["ok"]
+
+
+class FailsNotification(Writer):
+    name = "fails-notification"
+
+    def metadata(self) -> dict[str, object]:
+        return {"writer": self.name, "components": []}
+
+    def freeze(self, ctx: SetContext) -> None:
+        return None
+
+    def thaw(self, ctx: SetContext) -> None:
+        return None
+
+    def backup_complete(self, ctx: SetContext) -> None:
+        raise RuntimeError("log truncation failed")
+
+
+def test_backup_complete_outcome_is_stored_and_listed(repo: Repository, host: Path, tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from umbra.cli.main import app
+    from umbra.repo.prune import prune
+    from umbra.repo.retention import Policy
+
+    with ext4_volumes(host, tmp_path, ["data"]) as mnts:
+        (first,) = backup_set.run(repo, backup_opts(mnts), [FailsNotification()])
+        (second,) = backup_set.run(repo, backup_opts(mnts), [script(tmp_path)])
+    outcomes = repo.set_outcomes()
+    bad = outcomes[first.point.set_id]
+    assert bad["status"] == "ok", "the backup itself succeeded"
+    assert bad["notified"] == [{"writer": "fails-notification", "ok": False, "error": "log truncation failed"}]
+    env = {"UMBRA_REPO": str(tmp_path / "repo"), "UMBRA_PASSWORD": "secret"}
+    listing = CliRunner().invoke(app, ["list", "--json"], env=env)
+    assert listing.exit_code == 0, listing.output
+    by_id = {d["id"]: d for d in json.loads(listing.output)}
+    assert by_id[first.point.id]["set_outcome"]["notified"][0]["ok"] is False
+    assert by_id[second.point.id]["set_outcome"]["status"] == "ok"
+    table = CliRunner().invoke(app, ["list"], env=env, terminal_width=200)
+    assert "notify-failed" in table.output
+    with repo.lock(exclusive=True):
+        prune(repo, Policy(keep_last=1))
+    assert set(repo.set_outcomes()) == {second.point.set_id}, "an outcome goes with its last point"
 
 
 def test_pre_snapshot_failure_aborts_everything(repo: Repository, host: Path, tmp_path: Path) -> None:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.table import Table
@@ -23,12 +23,18 @@ def list_points(
     with open_repository(repo) as r:
         points, problems = r.scan_points(volume)
         verified = _verified(r)
+        outcomes = r.set_outcomes()
     for problem in problems:
         stderr.print(f"warning: damaged {problem}")
     if json_out:
-        emit_json([{**p.to_dict(), "verified": verified.get(p.id)} for p in points])
+        emit_json(
+            [
+                {**p.to_dict(), "verified": verified.get(p.id), "set_outcome": outcomes.get(p.set_id or "")}
+                for p in points
+            ]
+        )
     else:
-        _print_points(points, verified)
+        _print_points(points, verified, outcomes)
     if problems:
         raise typer.Exit(EXIT_WARNING)
 
@@ -38,8 +44,21 @@ def _verified(repo: Repository) -> dict[str, bool]:
     return {pid: bool(doc.get("clean")) for pid, doc in repo.latest_verifications().items()}
 
 
-def _print_points(points: list[Point], verified: dict[str, bool]) -> None:
-    table = Table("id", "volume", "time", "type", "consistency", "size", "new", "verified", "tags")
+def _set_status(point: Point, outcomes: dict[str, dict[str, Any]]) -> str:
+    """How the point's snapshot set ended: ok, failed, notify-failed (a writer's backup-complete
+    notification failed), ? (no outcome stored: the run was cut short) or - (not a set)."""
+    if not point.set_id:
+        return "-"
+    outcome = outcomes.get(point.set_id)
+    if outcome is None:
+        return "?"
+    if outcome.get("status") != "ok":
+        return "failed"
+    return "ok" if all(n.get("ok") for n in outcome.get("notified", [])) else "notify-failed"
+
+
+def _print_points(points: list[Point], verified: dict[str, bool], outcomes: dict[str, dict[str, Any]]) -> None:
+    table = Table("id", "volume", "time", "type", "consistency", "set", "size", "new", "verified", "tags")
     for p in points:
         table.add_row(
             p.short_id,
@@ -47,6 +66,7 @@ def _print_points(points: list[Point], verified: dict[str, bool]) -> None:
             f"{p.time.astimezone():%Y-%m-%d %H:%M:%S.%f}"[:-3],
             p.type,
             p.consistency or "-",
+            _set_status(p, outcomes),
             human_bytes(p.size),
             human_bytes(p.stats.get("bytes_new", 0)),
             {True: "clean", False: "NOT CLEAN", None: "-"}[verified.get(p.id)],

@@ -315,19 +315,38 @@ class SnapshotSet:
             w.backup_complete(self.ctx)
         self._frozen_writers = []
 
-    def complete(self, ok: bool, points: list[str], error: str = "") -> None:
-        """The backup of the snapshots is over: tell the writers, then delete the snapshots."""
+    def complete(self, ok: bool, points: list[str], error: str = "") -> dict[str, Any]:
+        """The backup of the snapshots is over: tell the writers, then delete the snapshots.
+
+        Returns the set's outcome document (stored in the repository as ``sets/<set id>``, since
+        the points' manifests are sealed before the writers hear the outcome)."""
         self.ctx.status, self.ctx.error, self.ctx.points = ("ok" if ok else "failed"), error, points
         t0 = time.monotonic()
+        notified: list[dict[str, Any]] = []
         for w in self._frozen_writers:
             try:
                 w.backup_complete(self.ctx)
+                notified.append({"writer": w.name, "ok": True, "error": ""})
             except Exception as exc:  # noqa: BLE001 - a notification must not undo a good backup
                 log.error("writer %s failed its backup-complete notification: %s", w.name, exc)
-        self.phases.append(Phase("backup-complete", True, time.monotonic() - t0))
+                notified.append({"writer": w.name, "ok": False, "error": str(exc)})
+        notify_ok = all(n["ok"] for n in notified)
+        self.phases.append(
+            Phase("backup-complete", notify_ok, time.monotonic() - t0, "" if notify_ok else "a writer failed")
+        )
         if not self.opts.keep_snapshots:
             for s, p in zip(self.snapshots, self.providers, strict=True):
                 p.delete(s)
+        return {
+            "set_id": self.set_id,
+            "status": self.ctx.status,
+            "error": error,
+            "points": list(points),
+            "consistency": self.consistency,
+            "notified": notified,
+            "phases": [p.to_dict() for p in self.phases],
+            "time_ns": time.time_ns(),
+        }
 
 
 def _resolve(source: str) -> VolumeInfo:

@@ -4,12 +4,14 @@ snapshots are deleted."""
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
+from typing import Any
 
 from umbra.coordinator.snapshot_set import SetOptions, SnapshotSet
 from umbra.engine import backup
 from umbra.engine.progress import Progress
-from umbra.errors import UsageError
+from umbra.errors import UmbraError, UsageError
 from umbra.repo.repository import Repository
 from umbra.writers.base import Writer
 
@@ -67,7 +69,17 @@ def run(
             )
             results.append(backup.run(repo, bopts, progress))
     except BaseException as exc:
-        snapshot_set.complete(False, [r.point.id for r in results], str(exc))
+        outcome = snapshot_set.complete(False, [r.point.id for r in results], str(exc))
+        if results:  # points of the set's earlier volumes are stored: say how the set ended
+            with contextlib.suppress(UmbraError):
+                _record(repo, outcome)
         raise
-    snapshot_set.complete(True, [r.point.id for r in results])
+    _record(repo, snapshot_set.complete(True, [r.point.id for r in results]))
     return results
+
+
+def _record(repo: Repository, outcome: dict[str, Any]) -> None:
+    """Store the set's outcome (backup-complete included) under the shared lock, so a prune that
+    runs meanwhile cannot miss it."""
+    with repo.lock(exclusive=False):
+        repo.save_set_outcome(outcome["set_id"], outcome)

@@ -86,6 +86,10 @@ def prune(
     for name in repo.verification_names():  # results of `umbra verify` go with their point
         if repo.verification_point(name) not in kept_ids:
             repo.backend.delete(name)
+    kept_sets = {p.set_id for p in keep if p.set_id}
+    for name in repo.set_outcome_names():  # a set's outcome goes with the last of its points
+        if name.split("/", 1)[1] not in kept_sets:
+            repo.backend.delete(name)
     step("forgotten")
     collect_garbage(repo, keep, result, step)
     return result

@@ -35,6 +35,7 @@ from umbra.repo import keys
 from umbra.repo.backends.base import Backend
 from umbra.repo.crypto import Crypto
 from umbra.repo.format import (
+    AAD_SET,
     AAD_VERIFY,
     DEFAULT_BLOCK_SIZE,
     DEFAULT_FANOUT,
@@ -358,6 +359,28 @@ class Repository:
             point_id = self.verification_point(name)
             newest[point_id] = max(newest.get(point_id, ""), name)
         return {point_id: self.load_verification(name) for point_id, name in newest.items()}
+
+    # --- snapshot-set outcomes (backup-complete) ---------------------------------------------
+
+    def save_set_outcome(self, set_id: str, doc: dict[str, Any]) -> None:
+        """Record how a snapshot set ended: written after its points, once the writers heard the
+        outcome (the points' manifests are already sealed by then)."""
+        name = f"sets/{set_id}"
+        self.backend.store(name, self.crypto.seal(json.dumps(doc).encode(), AAD_SET + name.encode()))
+
+    def set_outcome_names(self) -> list[str]:
+        return list(self.backend.list("sets"))
+
+    def set_outcomes(self) -> dict[str, dict[str, Any]]:
+        """Every recorded set outcome, by set id."""
+        out: dict[str, dict[str, Any]] = {}
+        for name in self.set_outcome_names():
+            body = self.crypto.open(self.backend.load(name), AAD_SET + name.encode(), name)
+            try:
+                out[name.split("/", 1)[1]] = dict(json.loads(body))
+            except (ValueError, TypeError) as exc:
+                raise IntegrityError(f"{name}: malformed ({exc})") from None
+        return out
 
     # --- keys --------------------------------------------------------------------------------
 
