@@ -41,6 +41,9 @@ def backup(
         float, typer.Option(help="Without writers: commit after this many seconds without writes (0: off).")
     ] = 0.0,
     quiet_timeout: Annotated[float, typer.Option(help="Longest wait for a quiet window, seconds.")] = 30.0,
+    hold_limit: Annotated[
+        float, typer.Option(help="--provider hold: longest the filesystem stays frozen for the read, seconds.")
+    ] = 600.0,
     exclude_file: Annotated[
         list[str] | None, typer.Option(help="Leave this file's blocks out (swap, caches); restores as zeros.")
     ] = None,
@@ -62,6 +65,7 @@ def backup(
         exclude_files=exclude_file or [],
         quiet_window=quiet_window,
         quiet_timeout=quiet_timeout,
+        hold_limit=hold_limit,
     )
     opts = backup_set.SetBackupOptions(sources, volume, type_, tag or [], all_blocks, set_opts)
     _run_and_report(repo, opts, build_writers(pre_snapshot, post_snapshot, post_backup, sqlite, postgres), json_out)

@@ -2,7 +2,8 @@
 
 Phases (SPEC section 5): gather writer metadata → select providers → prepare providers → freeze
 writers (limit ``freeze_timeout``, retryable vetoes retried) → flush and hold (FIFREEZE, with the
-watchdog) → commit all providers (limit ``commit_timeout``) → release (FITHAW, always) → thaw
+watchdog) → commit all providers (limit ``commit_timeout``) → release (FITHAW, always; for ``hold``
+volumes once the backup has read them, within ``hold_limit``) → thaw
 writers (always) → ask writers whether they held → [the backup reads the snapshots] →
 backup-complete notification → delete the snapshots.  Every phase's outcome and duration is
 recorded for the points' manifests.
@@ -11,8 +12,11 @@ recorded for the points' manifests.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import os
+import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -52,6 +56,8 @@ class SetOptions:
     exclude_files: list[str] = field(default_factory=list)  # files whose extents are left out
     quiet_window: float = 0.0  # > 0: wait for this many seconds without writes before the commit
     quiet_timeout: float = 30.0  # ... but no longer than this; then commit anyway (crash-consistent)
+    hold_limit: float = 600.0  # hold provider: the longest a filesystem stays frozen for the backup's read
+    keep_writable: list[str] = field(default_factory=list)  # paths the backup writes to (the repository)
 
 
 @dataclass
@@ -101,6 +107,8 @@ class SnapshotSet:
         self._thawed: list[Writer] = []
         self._froze_fs = False
         self._held = True
+        self._holds: dict[str, tuple[int, Watchdog]] = {}  # mount point -> (fd, watchdog): frozen for the read
+        self._frozen_at = 0.0
         self.quiet_found = False
 
     # --- bookkeeping ---------------------------------------------------------------------
@@ -148,6 +156,8 @@ class SnapshotSet:
             self._phase("held", self._check_held)
             for s, p in zip(self.snapshots, self.providers, strict=True):
                 p.release(s)
+                if p.holds_freeze and s.volume.mount is not None:
+                    s.finish_read = functools.partial(self._finish_hold, s.volume.mount.mountpoint)
         except BaseException as exc:
             self._fail(exc)
             raise  # the original error keeps its class and exit code; the phase record says where
@@ -164,6 +174,30 @@ class SnapshotSet:
             if target in frozen:
                 raise ProviderError(
                     provider=p.name, volume=v.source, reason=f"it writes to {target}, which the set freezes"
+                )
+        self._check_holds()
+
+    def _held_mounts(self) -> set[str]:
+        return {
+            v.mount.mountpoint
+            for v, p in zip(self.volumes, self.providers, strict=True)
+            if v.mount is not None and p.holds_freeze
+        }
+
+    def _check_holds(self) -> None:
+        """A held filesystem stays frozen while the backup runs: nothing the backup needs to write
+        (the repository, temporary files, umbra's own installation) may live on it."""
+        held = self._held_mounts()
+        if not held:
+            return
+        needed = [*self.opts.keep_writable, tempfile.gettempdir(), sys.prefix, os.path.dirname(__file__)]
+        for path in needed:
+            fs = filesystem_of(path)
+            if fs is not None and fs.mountpoint in held:
+                raise ProviderError(
+                    provider="hold",
+                    volume=fs.mountpoint,
+                    reason=f"{path} is on that filesystem, which would stay frozen while the backup writes there",
                 )
 
     def _wait_quiet(self) -> None:
@@ -215,29 +249,64 @@ class SnapshotSet:
                 time.sleep(self.opts.retry_delay)
 
     def _commit_under_freeze(self) -> None:
+        """Freeze, commit, thaw.  Filesystems of ``hold`` volumes stay frozen after the commit, each
+        watched by a watchdog of its own with the hold limit, until :meth:`_finish_hold`."""
         mounts = sorted({v.mount.mountpoint for v in self.volumes if v.mount is not None})
-        fds: list[int] = []
-        watchdog = Watchdog(mounts, self.opts.commit_timeout) if mounts else None
+        held = self._held_mounts()
+        brief = [m for m in mounts if m not in held]
+        fds: dict[str, int] = {}
+        watchdog = Watchdog(brief, self.opts.commit_timeout) if brief else None
+        hold_dogs = {m: Watchdog([m], self.opts.hold_limit) for m in sorted(held)}
         t0 = time.monotonic()
+        committed = False
         try:
             for m in mounts:
-                fd = os.open(m, os.O_RDONLY | os.O_DIRECTORY)
-                fds.append(fd)
-                freeze(fd)
-            self._froze_fs = bool(mounts)
+                fds[m] = os.open(m, os.O_RDONLY | os.O_DIRECTORY)
+                freeze(fds[m])
+            self._froze_fs, self._frozen_at = bool(mounts), time.monotonic()
             self.phases.append(Phase("flush-and-hold", True, time.monotonic() - t0))
             self._phase("commit", lambda: _with_limit(self._commit_all, self.opts.commit_timeout, "commit"))
+            committed = True
         finally:
             t1 = time.monotonic()
-            for fd in fds:
-                thaw(fd)
-                os.close(fd)
+            for m, fd in fds.items():
+                if committed and m in held:
+                    self._holds[m] = (fd, hold_dogs.pop(m))
+                else:
+                    thaw(fd)
+                    os.close(fd)
+            for dog in hold_dogs.values():  # the commit failed: these were thawed just above
+                dog.released()
             in_time = watchdog.released() if watchdog else True
             self.phases.append(
                 Phase("release", in_time, time.monotonic() - t1, "" if in_time else "watchdog thawed first")
             )
         if not in_time:
             raise CoordinatorTimeout(phase="commit", limit=self.opts.commit_timeout)
+
+    def _finish_hold(self, mountpoint: str) -> dict[str, Any]:
+        """The backup has read a held volume: thaw its filesystem.  Raises CoordinatorTimeout if the
+        watchdog thawed it first (the hold limit passed, so the image may be torn).  Returns the
+        phase record for the point's manifest."""
+        if not self._release_hold(mountpoint):
+            raise CoordinatorTimeout(phase="hold", limit=self.opts.hold_limit)
+        return {"phases": [p.to_dict() for p in self.phases]}
+
+    def _release_hold(self, mountpoint: str) -> bool:
+        """Thaw a held filesystem; False if the watchdog had done so already (or it was not held)."""
+        fd, dog = self._holds.pop(mountpoint, (-1, None))
+        if dog is None:
+            return False
+        thaw(fd)
+        os.close(fd)
+        in_time = dog.released()
+        error = "" if in_time else f"the watchdog thawed {mountpoint} at the hold limit"
+        self.phases.append(Phase("hold", in_time, time.monotonic() - self._frozen_at, error))
+        return in_time
+
+    def _release_holds(self) -> None:
+        for mountpoint in list(self._holds):
+            self._release_hold(mountpoint)
 
     def _commit_all(self) -> None:
         for v, p in zip(self.volumes, self.providers, strict=True):
@@ -298,6 +367,7 @@ class SnapshotSet:
 
     def _fail(self, exc: BaseException) -> None:
         self.ctx.status, self.ctx.error = "failed", str(exc)
+        self._release_holds()
         for p, v in zip(self.providers, self.volumes, strict=False):
             p.abort(v)
         for s, p in zip(self.snapshots, self.providers, strict=False):
@@ -320,6 +390,7 @@ class SnapshotSet:
 
         Returns the set's outcome document (stored in the repository as ``sets/<set id>``, since
         the points' manifests are sealed before the writers hear the outcome)."""
+        self._release_holds()  # a backup that failed before reading everything; writers may write now
         self.ctx.status, self.ctx.error, self.ctx.points = ("ok" if ok else "failed"), error, points
         t0 = time.monotonic()
         notified: list[dict[str, Any]] = []

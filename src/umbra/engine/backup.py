@@ -54,6 +54,9 @@ class BackupOptions:
     tracking_generation: str | None = None
     changed_since: Callable[[str], list[Extent] | None] | None = None
     on_read: Callable[[int, int], None] | None = None
+    # called once everything is read, before the manifest (a held filesystem is thawed there; it
+    # raises if the hold did not last); returns manifest fields to update
+    finish_read: Callable[[], dict[str, Any]] | None = None
 
 
 @dataclass
@@ -167,6 +170,7 @@ def run(repo: Repository, opts: BackupOptions, progress: Progress | None = None)
         progress.start(f"backup {opts.volume}", sum(1 for _ in used.blocks(bs)) * bs)
         try:
             _pump(repo, writer, tree, source, used, nblocks, opts.workers, counts, progress, fill, opts.on_read)
+            late = opts.finish_read() if opts.finish_read is not None else {}
             root, height = tree.finish()
             wstats = writer.finish()
         except BaseException:
@@ -191,7 +195,7 @@ def run(repo: Repository, opts: BackupOptions, progress: Progress | None = None)
             used_map=used.kind,
             umbra_version=__version__,
             tracking={"generation": opts.tracking_generation} if opts.tracking_generation else {},
-            **opts.annotations,
+            **{**opts.annotations, **late},
         )
         if opts.type == "full":
             point.base = point.id

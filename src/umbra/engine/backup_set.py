@@ -5,6 +5,7 @@ snapshots are deleted."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -39,7 +40,11 @@ def run(
         raise UsageError("give one --volume name for each source")
     if len(set(opts.volumes)) != len(opts.volumes):
         raise UsageError("volume names in one snapshot set must differ")
-    snapshot_set = SnapshotSet(opts.sources, writers, opts.set_options)
+    set_options = opts.set_options
+    repo_path = repo.backend.local_path()
+    if repo_path is not None:  # a held filesystem must not be the one the backup writes to
+        set_options = dataclasses.replace(set_options, keep_writable=[*set_options.keep_writable, repo_path])
+    snapshot_set = SnapshotSet(opts.sources, writers, set_options)
     snapshots = snapshot_set.create()
     results: list[backup.BackupResult] = []
     try:
@@ -66,6 +71,7 @@ def run(
                 tracking_generation=snap.tracking_generation,
                 changed_since=snap.changed_since,
                 on_read=snap.on_read,
+                finish_read=snap.finish_read,
             )
             results.append(backup.run(repo, bopts, progress))
     except BaseException as exc:

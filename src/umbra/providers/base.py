@@ -37,6 +37,9 @@ class Snapshot:
     on_read: Callable[[int, int], None] | None = None
     # CDP (cow): {"journal": id, "seq": n, "time_ns": t} of the snapshot's journal mark
     cdp: dict[str, Any] = field(default_factory=dict)
+    # called once the backup has read everything, before its manifest is written (hold: the thaw,
+    # raising if the hold limit passed first); returns manifest fields to update
+    finish_read: Callable[[], dict[str, Any]] | None = None
 
 
 class Provider(ABC):
@@ -51,6 +54,8 @@ class Provider(ABC):
     name: ClassVar[str]
     kind: ClassVar[Kind]
     description: ClassVar[str]
+    opt_in: ClassVar[bool] = False  # chosen only when named (--provider), never automatically
+    holds_freeze: ClassVar[bool] = False  # the filesystem stays frozen until the backup has read it
 
     @classmethod
     def unavailable(cls) -> str | None:

@@ -10,10 +10,11 @@ from umbra.providers.base import Provider
 from umbra.providers.btrfs import BtrfsProvider
 from umbra.providers.cow import CowProvider
 from umbra.providers.direct import DirectProvider
+from umbra.providers.hold import HoldProvider
 from umbra.providers.reflink import ReflinkProvider
 from umbra.volume.mounts import VolumeInfo
 
-PROVIDERS: list[type[Provider]] = [CowProvider, ReflinkProvider, BtrfsProvider, DirectProvider]
+PROVIDERS: list[type[Provider]] = [CowProvider, ReflinkProvider, BtrfsProvider, DirectProvider, HoldProvider]
 
 
 @dataclass(frozen=True)
@@ -52,7 +53,8 @@ def by_name(name: str) -> type[Provider]:
 
 
 def select(volume: VolumeInfo, preferred: list[str] | None = None) -> Provider:
-    """The first provider, in priority order (or in ``preferred`` order), that can snapshot ``volume``.
+    """The first provider, in priority order (or in ``preferred`` order), that can snapshot ``volume``;
+    opt-in providers (``hold``) only when ``preferred`` names them.
 
     Raises:
         ProviderError: none can; the message names each provider's reason.
@@ -61,6 +63,8 @@ def select(volume: VolumeInfo, preferred: list[str] | None = None) -> Provider:
     reasons = []
     for cls in order:
         reason = cls.unavailable() or cls().probe(volume)
+        if reason is None and cls.opt_in and not preferred:
+            reason = f"would do, but only when chosen (--provider {cls.name})"
         if reason is None:
             return cls()
         reasons.append(f"{cls.name}: {reason}")

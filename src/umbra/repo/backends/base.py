@@ -68,3 +68,7 @@ class Backend(ABC):
     @abstractmethod
     def list(self, directory: str) -> Iterator[str]:
         """Names of the objects below a top-level directory (``data``, ``index``, …)."""
+
+    def local_path(self) -> str | None:
+        """The directory holding the objects when it is on this machine's filesystems, else None."""
+        return None

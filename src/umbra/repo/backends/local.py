@@ -129,6 +129,9 @@ class LocalBackend(Backend):
         except FileNotFoundError:
             raise ObjectMissing(name=name) from None
 
+    def local_path(self) -> str | None:
+        return str(self.root)
+
     def list(self, directory: str) -> Iterator[str]:
         assert directory in DIRECTORIES
         base = self.root / directory
