@@ -25,7 +25,9 @@ from umbra.repo.pointref import parse_point_ref
 
 def restore(
     point: Annotated[str, typer.Argument(help="Point: id prefix, VOLUME@latest or VOLUME@TIME.")],
-    target: Annotated[str, typer.Argument(help="Image file or block device to write.")],
+    target: Annotated[
+        str, typer.Argument(help="Image file or block device to write (a btrfs subvolume: a directory on btrfs).")
+    ],
     repo: RepoOption = None,
     force: Annotated[bool, typer.Option(help="Overwrite an existing file or a busy device.")] = False,
     from_export: Annotated[

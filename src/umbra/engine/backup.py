@@ -9,6 +9,7 @@ the queue depths (a few runs of ``READ_RUN`` bytes plus two packs), never by the
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import queue
 import socket
@@ -26,10 +27,12 @@ from umbra.engine.progress import NoProgress, Progress
 from umbra.errors import UsageError
 from umbra.frontends.nbd.client import is_nbd_uri, open_nbd
 from umbra.repo.format import ZERO_ID, BlobType
+from umbra.repo.locks import Lock
 from umbra.repo.manifest import BACKUP_TYPES, VOLUME_NAME, Point, new_point_id
 from umbra.repo.repository import Repository, utc_now
 from umbra.repo.tree import TreeBuilder, TreeReader
-from umbra.repo.writer import BlobWriter
+from umbra.repo.writer import BlobWriter, WriterStats
+from umbra.volume import btrfs_send
 from umbra.volume.extents import Extent, intersect, merge
 from umbra.volume.source import Source, open_source
 from umbra.volume.usedmap import UsedMap, build_used_map
@@ -57,6 +60,7 @@ class BackupOptions:
     # called once everything is read, before the manifest (a held filesystem is thawed there; it
     # raises if the hold did not last); returns manifest fields to update
     finish_read: Callable[[], dict[str, Any]] | None = None
+    content: str = "image"  # or "btrfs-send": ``source`` is a read-only subvolume, stored as its send stream
 
 
 @dataclass
@@ -123,7 +127,7 @@ def _reader(
     block_size: int,
     out: queue.Queue[Any],
     stop: threading.Event,
-    on_read: Callable[[int, int], None] | None,
+    on_read: Callable[[int, int], None] | None = None,
 ) -> None:
     try:
         for run in _runs(used, block_size):
@@ -133,6 +137,29 @@ def _reader(
             if on_read is not None:
                 on_read(run[0][0] * block_size, min(len(run) * block_size, source.size - run[0][0] * block_size))
             out.put(batch)
+        out.put(_DONE)
+    except BaseException as exc:  # noqa: BLE001 - handed to the consuming thread
+        out.put(exc)
+
+
+def _stream_reader(
+    stream: btrfs_send.SendStream, block_size: int, out: queue.Queue[Any], stop: threading.Event
+) -> None:
+    """Cut a stream into blocks, numbered in order; only the last may be short."""
+    try:
+        block = 0
+        per_run = max(1, READ_RUN // block_size)
+        while not stop.is_set():
+            data = stream.read(per_run * block_size)
+            if not data:
+                break
+            view = memoryview(data)
+            offsets = range(0, len(data), block_size)
+            batch: Batch = [(block + k, view[off : off + block_size]) for k, off in enumerate(offsets)]
+            block += len(batch)
+            out.put(batch)
+            if len(data) < per_run * block_size:
+                break
         out.put(_DONE)
     except BaseException as exc:  # noqa: BLE001 - handed to the consuming thread
         out.put(exc)
@@ -151,6 +178,8 @@ def run(repo: Repository, opts: BackupOptions, progress: Progress | None = None)
         raise UsageError(f"invalid volume name {opts.volume!r} (letters, digits, '.', '_', '-')")
     if opts.type not in BACKUP_TYPES:
         raise UsageError(f"backup type must be one of {', '.join(BACKUP_TYPES)}")
+    if opts.content == btrfs_send.CONTENT:
+        return _run_stream(repo, opts, progress or NoProgress())
     progress = progress or NoProgress()
     started = time.monotonic()
     source = open_nbd(opts.source) if is_nbd_uri(opts.source) else open_source(opts.source)
@@ -169,7 +198,8 @@ def run(repo: Repository, opts: BackupOptions, progress: Progress | None = None)
         counts = {"blocks_read": 0, "blocks_zero": 0, "bytes_read": 0}
         progress.start(f"backup {opts.volume}", sum(1 for _ in used.blocks(bs)) * bs)
         try:
-            _pump(repo, writer, tree, source, used, nblocks, opts.workers, counts, progress, fill, opts.on_read)
+            reader = functools.partial(_reader, source, used, bs, on_read=opts.on_read)
+            _pump(repo, writer, tree, reader, nblocks, opts.workers, counts, progress, fill)
             late = opts.finish_read() if opts.finish_read is not None else {}
             root, height = tree.finish()
             wstats = writer.finish()
@@ -177,56 +207,113 @@ def run(repo: Repository, opts: BackupOptions, progress: Progress | None = None)
             writer.abort()
             raise
         progress.finish()
-        point = Point(
-            id=new_point_id(),
-            volume=opts.volume,
-            time=utc_now(),
-            type=opts.type,
-            size=source.size,
-            block_size=bs,
-            fanout=repo.config.fanout,
-            root=root.hex(),
-            height=height,
-            parent=parent.id if parent else None,
-            base=(parent.base if opts.type == "incremental" and parent else parent.id if parent else None),
-            tags=list(opts.tags),
-            host=socket.gethostname(),
-            source=opts.display_source or os.path.abspath(opts.source),
-            used_map=used.kind,
-            umbra_version=__version__,
-            tracking={"generation": opts.tracking_generation} if opts.tracking_generation else {},
-            **{**opts.annotations, **late},
-        )
-        if opts.type == "full":
-            point.base = point.id
-        changed = sum(1 for _ in changed_blocks(repo, parent, point)) if parent else counts["blocks_read"]
-        duration = time.monotonic() - started
-        point.stats = {
-            "bytes_scanned": source.size,
-            "bytes_used": used.used_bytes,
-            "bytes_read": counts["bytes_read"],
-            "bytes_new": wstats.bytes_new,
-            "bytes_stored": wstats.bytes_stored,
-            "blocks_total": nblocks,
-            "blocks_read": counts["blocks_read"],
-            "blocks_zero": counts["blocks_zero"],
-            "blocks_new": wstats.blobs_new,
-            "blocks_changed": changed,
-            "tree_nodes_new": wstats.tree_nodes_new,
-            "packs": wstats.packs,
-            "dedup_ratio": round(counts["bytes_read"] / wstats.bytes_new, 3) if wstats.bytes_new else None,
-            "compression_ratio": round(wstats.bytes_new / wstats.bytes_stored, 3) if wstats.bytes_stored else None,
-            "duration_s": round(duration, 3),
-            "tracked": tracked is not None,
-        }
-        lock.check()
-        repo.save_point(point)
+        read = _Read(source.size, used.used_bytes, nblocks, used.kind, root, height, counts, wstats, tracked, late)
+        return _save_point(repo, lock, opts, parent, read, started)
+
+
+def _run_stream(repo: Repository, opts: BackupOptions, progress: Progress) -> BackupResult:
+    """Back up a btrfs subvolume as its send stream: read in order, size known at the end."""
+    started = time.monotonic()
+    stream = btrfs_send.SendStream(opts.source)
+    with repo.lock(exclusive=False) as lock:
         try:
-            lock.check()
+            repo.invalidate_index()
+            parent = _choose_parent(repo, opts)
+            writer = BlobWriter(repo)
+            tree = TreeBuilder(repo.config.fanout, lambda node: _store_node(repo, writer, node))
+            counts = {"blocks_read": 0, "blocks_zero": 0, "bytes_read": 0}
+            progress.start(f"backup {opts.volume} (btrfs send)", 0)
+            try:
+                reader = functools.partial(_stream_reader, stream, repo.config.block_size)
+                _pump(repo, writer, tree, reader, 0, opts.workers, counts, progress, _Fill(repo, None, 0, 1))
+                stream.close()  # raises if btrfs send failed: the stream would be incomplete
+                late = opts.finish_read() if opts.finish_read is not None else {}
+                root, height = tree.finish()
+                wstats = writer.finish()
+            except BaseException:
+                writer.abort()
+                raise
         except BaseException:
-            repo.delete_point(point.id)  # published under a lock we no longer hold: withdraw it
+            stream.kill()
             raise
-        return BackupResult(point, point.stats)
+        progress.finish()
+        size, nblocks = counts["bytes_read"], counts["blocks_read"]
+        read = _Read(size, size, nblocks, "all", root, height, counts, wstats, None, late)
+        return _save_point(repo, lock, opts, parent, read, started)
+
+
+@dataclass
+class _Read:
+    """What a backup read and stored, for its manifest."""
+
+    size: int
+    used_bytes: int
+    nblocks: int
+    used_map: str
+    root: bytes
+    height: int
+    counts: dict[str, int]
+    wstats: WriterStats
+    tracked: list[Extent] | None
+    late: dict[str, Any]  # manifest fields from finish_read
+
+
+def _save_point(
+    repo: Repository, lock: Lock, opts: BackupOptions, parent: Point | None, read: _Read, started: float
+) -> BackupResult:
+    """Write the point's manifest, last, while the lock is provably held."""
+    counts, wstats = read.counts, read.wstats
+    point = Point(
+        id=new_point_id(),
+        volume=opts.volume,
+        time=utc_now(),
+        type=opts.type,
+        size=read.size,
+        block_size=repo.config.block_size,
+        fanout=repo.config.fanout,
+        root=read.root.hex(),
+        height=read.height,
+        parent=parent.id if parent else None,
+        base=(parent.base if opts.type == "incremental" and parent else parent.id if parent else None),
+        tags=list(opts.tags),
+        host=socket.gethostname(),
+        source=opts.display_source or os.path.abspath(opts.source),
+        used_map=read.used_map,
+        content=opts.content,
+        umbra_version=__version__,
+        tracking={"generation": opts.tracking_generation} if opts.tracking_generation else {},
+        **{**opts.annotations, **read.late},
+    )
+    if opts.type == "full":
+        point.base = point.id
+    changed = sum(1 for _ in changed_blocks(repo, parent, point)) if parent else counts["blocks_read"]
+    duration = time.monotonic() - started
+    point.stats = {
+        "bytes_scanned": read.size,
+        "bytes_used": read.used_bytes,
+        "bytes_read": counts["bytes_read"],
+        "bytes_new": wstats.bytes_new,
+        "bytes_stored": wstats.bytes_stored,
+        "blocks_total": read.nblocks,
+        "blocks_read": counts["blocks_read"],
+        "blocks_zero": counts["blocks_zero"],
+        "blocks_new": wstats.blobs_new,
+        "blocks_changed": changed,
+        "tree_nodes_new": wstats.tree_nodes_new,
+        "packs": wstats.packs,
+        "dedup_ratio": round(counts["bytes_read"] / wstats.bytes_new, 3) if wstats.bytes_new else None,
+        "compression_ratio": round(wstats.bytes_new / wstats.bytes_stored, 3) if wstats.bytes_stored else None,
+        "duration_s": round(duration, 3),
+        "tracked": read.tracked is not None,
+    }
+    lock.check()
+    repo.save_point(point)
+    try:
+        lock.check()
+    except BaseException:
+        repo.delete_point(point.id)  # published under a lock we no longer hold: withdraw it
+        raise
+    return BackupResult(point, point.stats)
 
 
 def _choose_parent(repo: Repository, opts: BackupOptions) -> Point | None:
@@ -254,24 +341,19 @@ def _pump(
     repo: Repository,
     writer: BlobWriter,
     tree: TreeBuilder,
-    source: Source,
-    used: UsedMap,
+    read: Callable[[queue.Queue[Any], threading.Event], None],
     nblocks: int,
     workers: int,
     counts: dict[str, int],
     progress: Progress,
     fill: _Fill,
-    on_read: Callable[[int, int], None] | None = None,
 ) -> None:
+    """Run ``read`` (it queues batches of numbered blocks, then _DONE) in a thread; seal batches in
+    a pool; add every block to the tree in order, blocks not read taking ``fill``'s id."""
     pipeline = _Pipeline(repo, writer)
     batches: queue.Queue[Any] = queue.Queue(maxsize=workers * 2)
     stop = threading.Event()
-    reader = threading.Thread(
-        target=_reader,
-        args=(source, used, repo.config.block_size, batches, stop, on_read),
-        name="umbra-read",
-        daemon=True,
-    )
+    reader = threading.Thread(target=read, args=(batches, stop), name="umbra-read", daemon=True)
     reader.start()
     next_block = 0
     inflight: deque[Future[Processed]] = deque()

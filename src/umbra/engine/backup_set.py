@@ -72,6 +72,7 @@ def run(
                 changed_since=snap.changed_since,
                 on_read=snap.on_read,
                 finish_read=snap.finish_read,
+                content=snap.content,
             )
             results.append(backup.run(repo, bopts, progress))
     except BaseException as exc:

@@ -18,10 +18,11 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from umbra.errors import ExtractError
+from umbra.errors import ExtractError, FileSystemError
 from umbra.repo.manifest import Point
 from umbra.repo.repository import Repository
 from umbra.repo.view import BlockView, open_state
+from umbra.volume import btrfs_send
 from umbra.volume.blockio import pwrite_all
 from umbra.volume.filesystem import Entry, FileSystem
 
@@ -32,6 +33,10 @@ def open_filesystem(repo: Repository, ref: str) -> tuple[Point, BlockView, FileS
     """The filesystem inside the state that ``ref`` names (a point, or VOLUME@TIME)."""
     inst, view = open_state(repo, ref)
     point = inst.point
+    if point.content == btrfs_send.CONTENT:
+        raise FileSystemError(
+            point=ref, reason="a btrfs subvolume stored as its send stream: `umbra restore` it into a btrfs directory"
+        )
     return point, view, FileSystem(view.read, view.size, f"{ref} (point {point.short_id} of {point.volume})")
 
 

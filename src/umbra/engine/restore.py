@@ -16,10 +16,12 @@ from typing import Any
 
 from umbra.engine.diff import tree_reader
 from umbra.engine.progress import NoProgress, Progress
+from umbra.errors import UsageError
 from umbra.repo.cdp import ExtentMap
 from umbra.repo.format import ZERO_ID, BlobType
 from umbra.repo.manifest import Point
 from umbra.repo.repository import Repository
+from umbra.volume import btrfs_send
 from umbra.volume.blockio import write_zeros
 from umbra.volume.sink import Target, open_target
 
@@ -89,6 +91,7 @@ def run(
 ) -> RestoreResult:
     """Restore ``point`` to a file or block device in one pass; then, for a state between points
     (``VOLUME@TIME`` with a shipped journal), write what the journal records left in ``extents``.
+    A btrfs subvolume point is received into ``target_path``, a directory on btrfs.
 
     Raises:
         TargetError (TargetTooSmall, TargetBusy), IntegrityError, RepositoryError.
@@ -96,7 +99,12 @@ def run(
     progress = progress or NoProgress()
     started = time.monotonic()
     bs = point.block_size
-    target = open_target(target_path, point.size, force)
+    if point.content == btrfs_send.CONTENT:  # a subvolume: its stream, in order, to btrfs receive
+        if extents is not None:
+            raise UsageError("a btrfs subvolume point has no journal to replay")
+        target: Target = btrfs_send.ReceiveTarget(target_path)
+    else:
+        target = open_target(target_path, point.size, force)
     written = 0
     try:
         reader = tree_reader(repo, point)

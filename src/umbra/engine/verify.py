@@ -4,8 +4,9 @@ The point is served as a FUSE block file over a copy-on-write overlay (nothing i
 point never changes), its filesystem is identified with ``blkid``, and the filesystem's own checker
 runs on it: for ext2/3/4 the journal is replayed into the overlay first (as a mount after a
 crash would), then ``e2fsck -fn`` checks everything; XFS gets ``xfs_repair -n``, btrfs
-``btrfs check --readonly``, FAT ``fsck.fat -n``.  The result of a point (not of a state between
-points) is stored in the repository beside it.
+``btrfs check --readonly``, FAT ``fsck.fat -n``.  A btrfs subvolume stored as its send stream is
+parsed by ``btrfs receive --dump`` instead (every command and its CRC).  The result of a point (not
+of a state between points) is stored in the repository beside it.
 """
 
 from __future__ import annotations
@@ -19,11 +20,14 @@ from typing import Any
 
 from umbra.errors import FileSystemError
 from umbra.frontends.exports import OverlayExport, PointExport
+from umbra.repo.manifest import Point
 from umbra.repo.repository import Repository
-from umbra.repo.view import open_state
+from umbra.repo.view import BlockView, open_state
+from umbra.volume import btrfs_send
 
 ENV = dict(os.environ, PATH=os.environ.get("PATH", "") + ":/usr/sbin:/sbin", LC_ALL="C")
 OUTPUT_TAIL = 4000
+STREAM_CHUNK = 4 << 20
 
 # filesystem type (blkid) -> [(command before the image path, exit codes that count as success)]
 CHECKERS: dict[str, list[tuple[list[str], set[int]]]] = {
@@ -64,10 +68,40 @@ def verify(repo: Repository, ref: str) -> VerifyResult:
         FileSystemError: no filesystem on the volume that umbra knows how to check.
         ServeError: the block file could not be mounted (FUSE).
     """
-    from umbra.frontends.fuse import FuseBlockFiles  # pyfuse3 only for this command
-
     inst, view = open_state(repo, ref)
     point = inst.point
+    if point.content == btrfs_send.CONTENT:
+        result = _verify_send_stream(point, view, ref)
+    else:
+        result = _verify_filesystem(point, view, ref)
+    if not inst.records:  # exactly a point: keep the result with it
+        repo.save_verification(point.id, result.to_dict())
+        result.stored = True
+    return result
+
+
+def _verify_send_stream(point: Point, view: BlockView, ref: str) -> VerifyResult:
+    """A subvolume's send stream: ``btrfs receive --dump`` parses every command and checks its CRC."""
+    command = ["btrfs", "receive", "--dump"]
+    proc = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=ENV)
+    assert proc.stdin is not None and proc.stderr is not None
+    try:
+        for offset in range(0, view.size, STREAM_CHUNK):
+            proc.stdin.write(view.read(offset, min(STREAM_CHUNK, view.size - offset)))
+        proc.stdin.close()
+    except BrokenPipeError:
+        pass  # it stopped at a damaged command: its exit code and message say where
+    errors = proc.stderr.read().decode(errors="replace")[-OUTPUT_TAIL:]
+    code = proc.wait()
+    result = VerifyResult(point.id, ref, btrfs_send.CONTENT, clean=code == 0)
+    result.steps.append({"command": " ".join(command), "exit_code": code, "ok": code == 0, "output": errors})
+    return result
+
+
+def _verify_filesystem(point: Point, view: BlockView, ref: str) -> VerifyResult:
+    """fsck of the filesystem on a FUSE block file over a throw-away overlay."""
+    from umbra.frontends.fuse import FuseBlockFiles  # pyfuse3 only for this command
+
     with tempfile.TemporaryDirectory(prefix="umbra-verify-") as tmp:
         overlay = OverlayExport(PointExport(view, point.volume), os.path.join(tmp, "overlay"))
         fuse = FuseBlockFiles(lambda: {point.volume: overlay}, os.path.join(tmp, "mnt"), point.volume)
@@ -93,7 +127,4 @@ def verify(repo: Repository, ref: str) -> VerifyResult:
         finally:
             fuse.stop()
             overlay.close()
-    if not inst.records:  # exactly a point: keep the result with it
-        repo.save_verification(point.id, result.to_dict())
-        result.stored = True
     return result

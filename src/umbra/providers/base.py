@@ -40,6 +40,7 @@ class Snapshot:
     # called once the backup has read everything, before its manifest is written (hold: the thaw,
     # raising if the hold limit passed first); returns manifest fields to update
     finish_read: Callable[[], dict[str, Any]] | None = None
+    content: str = "image"  # "btrfs-send": ``path`` is a read-only subvolume, stored as its send stream
 
 
 class Provider(ABC):

@@ -14,6 +14,8 @@ class DirectProvider(Provider):
     description = "read an unmounted volume that no process has open for writing, as it is"
 
     def probe(self, volume: VolumeInfo) -> str | None:
+        if volume.subvolume is not None:
+            return "a btrfs subvolume is read through a snapshot (btrfs provider)"
         if volume.mount is not None:
             return f"mounted at {volume.mount.mountpoint}"
         writers = open_for_writing(volume.device)

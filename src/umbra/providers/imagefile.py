@@ -18,6 +18,8 @@ class ImageFileProvider(Provider):
     filesystems: ClassVar[tuple[str, ...]]  # filesystem types that can snapshot a file
 
     def probe(self, volume: VolumeInfo) -> str | None:
+        if volume.subvolume is not None:
+            return "a btrfs subvolume, not an image file"
         image = image_file(volume)
         if image is None:
             return "not an image file or a loop device backed by one"

@@ -45,6 +45,7 @@ class Point:
     host: str = ""
     source: str = ""
     used_map: str = "all"
+    content: str = "image"  # "image": a block volume; "btrfs-send": a subvolume's send stream
     stats: dict[str, Any] = field(default_factory=dict)
     umbra_version: str = ""
     # written by snapshot-set backups (absent from points of a plain backup of an image):

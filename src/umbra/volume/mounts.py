@@ -126,13 +126,26 @@ class VolumeInfo:
     is_block_device: bool
     mount: Mount | None  # where its filesystem is mounted, if it is
     backing_file: str | None  # for a loop device: the image file behind it
+    subvolume: str | None = None  # a btrfs subvolume (then ``device`` is its directory, nothing is mounted)
+
+
+BTRFS_SUBVOLUME_ROOT_INODE = 256  # BTRFS_FIRST_FREE_OBJECTID: every subvolume's top directory
+
+
+def is_btrfs_subvolume(path: str) -> bool:
+    """Whether ``path`` is the top directory of a btrfs subvolume."""
+    fs = filesystem_of(path)
+    if fs is None or fs.fstype != "btrfs" or not os.path.isdir(path):
+        return False
+    return os.stat(path).st_ino == BTRFS_SUBVOLUME_ROOT_INODE
 
 
 def resolve_source(source: str) -> VolumeInfo:
-    """Resolve a mount point, block device or image file.
+    """Resolve a mount point, block device, image file or btrfs subvolume (a subvolume's directory
+    that is not itself a mount point: a mount point stands for its whole device).
 
     Raises:
-        SourceError: it does not exist, or a directory that is not a mount point.
+        SourceError: it does not exist, or a directory that is neither a mount point nor a subvolume.
     """
     try:
         st = os.stat(source)
@@ -140,8 +153,11 @@ def resolve_source(source: str) -> VolumeInfo:
         raise SourceError(path=source, reason=exc.strerror) from exc
     if stat.S_ISDIR(st.st_mode):
         m = mount_of(source)
+        if m is None and is_btrfs_subvolume(source):
+            real = os.path.realpath(source)
+            return VolumeInfo(source, real, False, None, None, subvolume=real)
         if m is None:
-            raise SourceError(path=source, reason="a directory that is not a mount point")
+            raise SourceError(path=source, reason="a directory that is neither a mount point nor a btrfs subvolume")
         if not m.device.startswith("/dev/"):
             raise SourceError(path=source, reason=f"its filesystem ({m.fstype}) has no block device to image")
         return VolumeInfo(source, m.device, True, m, loop_backing_file(m.device))
