@@ -2,7 +2,7 @@
 loop-over-FUSE path against a plain loop device, journaling cost, and a tracked incremental
 against a full backup.  Prints ratios; see bench/RESULTS.md.  Needs root, fio, nbdkit, qemu-utils.
 
-    .venv/bin/python bench/protect.py [--size 1G] [--runtime 10] [--work bench/work]
+    .venv/bin/python bench/protect.py [--size 1G] [--runtime 10] [--work bench/work] [--journal buffered]
 """
 
 from __future__ import annotations
@@ -83,7 +83,12 @@ def stop(proc: subprocess.Popen[bytes]) -> None:
     proc.wait(120)
 
 
-def nbd_bench(work: Path, image: Path, size: int, runtime: int) -> dict[str, dict[str, dict[str, float]]]:
+VARIANTS = {"umbra": (), "umbra-no-journal": ("--no-journal",), "umbra-journal-buffered": ("--journal-buffered",)}
+
+
+def nbd_bench(
+    work: Path, image: Path, size: int, runtime: int, variants: list[str]
+) -> dict[str, dict[str, dict[str, float]]]:
     results: dict[str, dict[str, dict[str, float]]] = {}
     sock = work / "nbdkit.sock"
     proc = serve_nbdkit(image, sock)
@@ -91,7 +96,8 @@ def nbd_bench(work: Path, image: Path, size: int, runtime: int) -> dict[str, dic
         results["nbdkit"] = {n: fio(f"nbd+unix:///?socket={sock}", rw, bs, size, runtime) for n, rw, bs in PATTERNS}
     finally:
         stop(proc)
-    for label, extra in [("umbra", ()), ("umbra-no-journal", ("--no-journal",))]:
+    for label in variants:
+        extra = VARIANTS[label]
         state = work / f"state-{label}"
         proc = serve_umbra(image, state, *extra)
         try:
@@ -113,7 +119,7 @@ def fs_write(device: str, mnt: Path, mib: int) -> float:
         sh("umount", str(mnt))
 
 
-def loop_bench(work: Path, size: int) -> dict[str, float]:
+def loop_bench(work: Path, size: int, *extra: str) -> dict[str, float]:
     mib = size // (1 << 20) // 2
     image = work / "loop.img"
     mnt = work / "mnt"
@@ -127,7 +133,7 @@ def loop_bench(work: Path, size: int) -> dict[str, float]:
     finally:
         sh("losetup", "-d", loop)
     state = work / "state-loop"
-    proc = serve_umbra(image, state, "--loop")
+    proc = serve_umbra(image, state, "--loop", *extra)
     try:
         fuse_loop = json.loads((state / "volume.json").read_text())["loop"]
         fuse = fs_write(fuse_loop, mnt, mib)
@@ -178,6 +184,12 @@ def main() -> None:
     ap.add_argument("--runtime", type=int, default=10)
     ap.add_argument("--work", default=str(HERE / "work" / "protect"))
     ap.add_argument("--only", default="nbd,loop,backup")
+    ap.add_argument(
+        "--journal",
+        default="direct",
+        choices=["direct", "buffered"],
+        help="the journal mode of the umbra run compared with nbdkit and with --no-journal",
+    )
     args = ap.parse_args()
     size = int(args.size[:-1]) << {"M": 20, "G": 30}[args.size[-1]]
     work = Path(args.work)
@@ -190,8 +202,11 @@ def main() -> None:
     only = set(args.only.split(","))
     report: dict[str, object] = {"size": size}
     if "nbd" in only:
-        nbd = nbd_bench(work, image, size, args.runtime)
+        label = "umbra" if args.journal == "direct" else "umbra-journal-buffered"
+        nbd = nbd_bench(work, image, size, args.runtime, [label, "umbra-no-journal"])
+        nbd["umbra"] = nbd[label]
         report["nbd"] = nbd
+        print(f"journal: {args.journal}")
         print(
             f"{'pattern':<16}{'nbdkit MB/s':>12}{'umbra MB/s':>12}{'ratio':>7}{'no-journal':>12}"
             f"{'journal cost':>13}{'lat nbdkit':>12}{'lat umbra':>11}"
@@ -204,7 +219,7 @@ def main() -> None:
                 f"{cost:>12.0%}{k['lat_us']:>10.0f}us{u['lat_us']:>9.0f}us"
             )
     if "loop" in only:
-        loop = loop_bench(work, size)
+        loop = loop_bench(work, size, *(("--journal-buffered",) if args.journal == "buffered" else ()))
         report["loop"] = loop
         print(
             f"ext4 write (dd conv=fsync): plain loop {loop['plain-loop-MBps']:.0f} MB/s, "

@@ -46,9 +46,11 @@ def protect(
     journal_direct: Annotated[
         bool,
         typer.Option(
-            "--journal-direct", help="Append the journal with O_DIRECT: faster for large writes, slower for small ones."
+            "--journal-direct/--journal-buffered",
+            help="Journal batches of large writes with O_DIRECT, outside the engine's lock (default); "
+            "--journal-buffered writes every record through the page cache under it.",
         ),
-    ] = False,
+    ] = True,
     repo: Annotated[
         str | None,
         typer.Option("--repo", "-r", help="Ship the CDP journal into this repository continuously (VOLUME@TIME)."),

@@ -46,6 +46,7 @@ class WriteLog(Protocol):
 
     def append_write(self, offset: int, data: bytes | memoryview) -> int: ...
     def append_zero(self, offset: int, length: int) -> int: ...
+    def wait_written(self, ticket: int) -> None: ...
     def append_mark(self, kind: str, name: str, **fields: object) -> int: ...
     def commit(self) -> None: ...
     @property
@@ -124,8 +125,12 @@ class CowVolume:
         self._check_range(offset, length)
         if not length:
             return
-        span = self._begin_write(offset, length, data)
+        span, ticket = self._begin_write(offset, length, data)
         try:
+            if ticket is not None and self.journal is not None:
+                # write-ahead: the record is in the journal file before the volume changes; waited
+                # for outside the lock, so appends in flight together share one journal write
+                self.journal.wait_written(ticket)
             io()
         finally:
             self._end_write(span)
@@ -138,7 +143,9 @@ class CowVolume:
             self.journal.commit()
         self.backing.flush()
 
-    def _begin_write(self, offset: int, length: int, data: bytes | memoryview | None) -> tuple[int, int]:
+    def _begin_write(
+        self, offset: int, length: int, data: bytes | memoryview | None
+    ) -> tuple[tuple[int, int], int | None]:
         """Preserve, track and journal under the lock.  A write that overlaps one in flight waits
         for it, so overlapping writes reach the volume in their journal order (what CDP replays)."""
         first, end = offset // self.chunk_size, (offset + length - 1) // self.chunk_size + 1
@@ -150,14 +157,15 @@ class CowVolume:
             self._preserve(first, end)
             if self.tracker is not None:
                 self.tracker.mark(first, end)
+            ticket = None
             if self.journal is not None:
                 if data is None:
-                    self.journal.append_zero(offset, length)
+                    ticket = self.journal.append_zero(offset, length)
                 else:
-                    self.journal.append_write(offset, data)
+                    ticket = self.journal.append_write(offset, data)
             self.writes += 1
             self.bytes_written += length
-        return span
+        return span, ticket
 
     def _end_write(self, span: tuple[int, int]) -> None:
         with self._cond:

@@ -9,6 +9,12 @@ Durability: records are written (``writev``) before the write is acknowledged.  
 background thread makes them durable every ``commit_interval`` seconds (group commit); ``commit``
 makes them durable at once (NBD FLUSH and FUA, and every write with ``--sync``).
 
+With ``direct``, an append only queues the record (under the lock, no copy); the caller then
+waits for it with :meth:`Journal.wait_written` *after* releasing its own locks, and the first
+waiter to find the queue unwritten writes all of it in one O_DIRECT write, bypassing the page
+cache: writes in flight together share one device write, and none waits for another's under the
+cow engine's lock.
+
 Recovery on open: every segment but the last must be intact.  In the last, the records are read
 up to the first one that does not check; if nothing valid follows, that is a torn tail (a write
 cut short by a crash) and it is cut off; if a valid record follows, the damage is in the middle
@@ -41,6 +47,7 @@ RECORD_MAGIC = 0x55524543  # "CERU" little-endian on disk: b"CERU"
 RECORD_HEADER = struct.Struct("<IBBHQQQII")  # magic, kind, flags, reserved, seq, time ns, offset, length, data length
 DIGEST = 16
 ALIGN = 4096  # O_DIRECT granularity of the journal's appends
+DIRECT_MIN = 256 << 10  # direct appends: smaller batches go through the page cache
 SEGMENT_NAME = re.compile(r"^seg-(\d{16})\.ucj$")
 
 WRITE, ZERO, MARK = 1, 2, 3
@@ -121,6 +128,13 @@ class Journal:
         self._tail = b""
         self._tail_off = 0
         self._staging: mmap.mmap | None = None
+        self._buffered_fd: int | None = None  # direct: the same segment, for batches under DIRECT_MIN
+        self._cond = threading.Condition(self._lock)  # records reaching the file (wait_written)
+        self._io_lock = threading.Lock()  # direct: one batch write at a time, in append order
+        self._queued: list[bytes | memoryview] = []  # direct: record parts the writer thread has not written
+        self._on_file = 0  # bytes appended (counted like _written) that are in the segment file
+        self._writing = False  # direct: a waiter is writing the queue
+        self._write_error: OSError | None = None
 
     # --- opening and recovery ----------------------------------------------------------------
 
@@ -234,6 +248,9 @@ class Journal:
         os.fdatasync(self._fd)
         os.close(self._fd)
         self._fd = None
+        if self._buffered_fd is not None:
+            os.close(self._buffered_fd)
+            self._buffered_fd = None
 
     def _start_segment(self) -> None:
         if self._fd is not None:
@@ -260,6 +277,7 @@ class Journal:
             else:
                 os.close(fd)
                 fd, self._tail, self._tail_off = direct_fd, head, 0
+                self._buffered_fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)  # small batches (no O_APPEND)
         self._fd, self._key, self._pos = fd, _key(salt), SEGMENT_HEADER.size + 32
         self._segments.append(_Segment(path, self._next_seq, salt))
         self._stats.bytes += self._pos
@@ -278,15 +296,21 @@ class Journal:
     # --- appending ---------------------------------------------------------------------------
 
     def append_write(self, offset: int, data: bytes | memoryview) -> int:
-        return self._append(WRITE, offset, len(data), data)
+        """Append a write; returns a ticket for :meth:`wait_written`.  ``data`` must stay unchanged
+        until then (direct appends queue it without a copy)."""
+        return self._append(WRITE, offset, len(data), data)[1]
 
     def append_zero(self, offset: int, length: int) -> int:
-        return self._append(ZERO, offset, length, b"")
+        """Append a zeroed (or trimmed) range; returns a ticket for :meth:`wait_written`."""
+        return self._append(ZERO, offset, length, b"")[1]
 
     def append_mark(self, kind: str, name: str, **fields: object) -> int:
-        return self._append(MARK, 0, 0, json.dumps({"kind": kind, "name": name, **fields}).encode())
+        """Append a mark and wait until it is in the file; returns its time (ns)."""
+        now, ticket = self._append(MARK, 0, 0, json.dumps({"kind": kind, "name": name, **fields}).encode())
+        self.wait_written(ticket)
+        return now
 
-    def _append(self, kind: int, offset: int, length: int, data: bytes | memoryview) -> int:
+    def _append(self, kind: int, offset: int, length: int, data: bytes | memoryview) -> tuple[int, int]:
         with self._lock:
             assert self._fd is not None, "journal is closed"
             now = max(time.time_ns(), self._last_ns + 1)
@@ -295,8 +319,17 @@ class Journal:
             h.update(data)
             digest = h.digest(DIGEST)
             total = len(header) + len(data) + DIGEST
+            in_file = True
             if self.direct:
-                self._write_direct(header, data, digest)
+                self._queued += (header, data, digest)
+                # a small record with nothing queued before it and no write under way is written
+                # at once through the page cache (cheaper than any wait); others wait for a batch
+                in_file = total < DIRECT_MIN and len(self._queued) == 3 and self._io_lock.acquire(blocking=False)
+                if in_file:
+                    try:
+                        self._write_queued()
+                    finally:
+                        self._io_lock.release()
             else:
                 n = os.writev(self._fd, [header, data, digest])
                 if n != total:
@@ -305,19 +338,82 @@ class Journal:
             self._pos += total
             self._written += total
             self._stats.bytes += total
+            if in_file:  # and everything before it
+                self._on_file = self._written
             if self._pos >= self.segment_bytes:
-                self._start_segment()
+                with self._io_lock:  # the old segment gets everything queued for it first
+                    self._write_queued()
+                    self._on_file = self._written
+                    self._cond.notify_all()
+                    self._start_segment()
                 self._durable = self._written
+            ticket = self._written
         if self.sync:
             self.commit()
-        return now
+        return now, ticket
 
-    def _write_direct(self, header: bytes, data: bytes | memoryview, digest: bytes) -> None:
-        """Append through O_DIRECT: the partial last block and the record, padded to whole blocks,
-        in one aligned write; the record's bytes reach the device's queue without the page cache."""
-        assert self._fd is not None
-        start = len(self._tail)
-        need = start + len(header) + len(data) + len(digest)
+    def wait_written(self, ticket: int) -> None:
+        """Return once the records appended up to ``ticket`` are in the segment file (at once for
+        buffered appends).  Direct appends are written by whichever waiter finds them queued and no
+        write under way: it writes everything queued so far in one go, for all the waiters (a
+        dedicated writer thread would wait for the GIL behind the request threads, milliseconds).
+
+        Raises:
+            OSError: a direct write failed (the journal cannot go on).
+        """
+        while True:
+            with self._cond:
+                while self._on_file < ticket and self._writing:
+                    self._cond.wait()
+                if self._on_file >= ticket:
+                    return
+                if self._write_error is not None:
+                    raise OSError(self._write_error.errno, f"journal write failed: {self._write_error}")
+                # our record is queued and nobody is writing: write the queue
+                self._writing = True
+                self._io_lock.acquire()  # a segment switch (lock held, then this) waits for the write
+                end = self._written
+                parts, self._queued = self._queued, []
+            error: OSError | None = None
+            try:
+                self._write_direct(parts)
+            except OSError as exc:
+                error = exc
+            finally:
+                self._io_lock.release()
+            with self._cond:
+                self._writing = False
+                if error is None:
+                    self._on_file = max(self._on_file, end)
+                else:
+                    self._write_error = error
+                self._cond.notify_all()
+
+    def _write_queued(self) -> None:
+        """Write what is queued now (the lock and the io lock held); ``_on_file`` is then brought
+        up to date by the caller (everything appended is in the file)."""
+        if self._queued:
+            parts, self._queued = self._queued, []
+            self._write_direct(parts)
+
+    def _write_direct(self, parts: list[bytes | memoryview]) -> None:
+        """Append a batch of record parts.  A batch of DIRECT_MIN bytes or more goes through O_DIRECT:
+        the partial last block and the records, padded to whole blocks, in one aligned write that
+        bypasses the page cache.  A smaller one is written through the page cache, where it costs
+        less than a device round trip; the kernel writes such cached pages back before a later
+        O_DIRECT write over them, and the partial last block is kept in memory either way."""
+        assert self._fd is not None and self._buffered_fd is not None
+        size = sum(len(p) for p in parts)
+        if size < DIRECT_MIN:
+            end = self._tail_off + len(self._tail)
+            written = os.pwritev(self._buffered_fd, parts, end)
+            if written != size:
+                raise OSError(f"short journal write ({written} of {size} bytes)")
+            tail = self._tail + b"".join(parts)
+            whole = len(tail) // ALIGN * ALIGN
+            self._tail, self._tail_off = tail[whole:], self._tail_off + whole
+            return
+        need = len(self._tail) + size
         padded = -(-need // ALIGN) * ALIGN
         if self._staging is None or len(self._staging) < padded:
             if self._staging is not None:
@@ -325,7 +421,7 @@ class Journal:
             self._staging = mmap.mmap(-1, max(padded, 1 << 20))  # page-aligned, as O_DIRECT needs
         buf = self._staging
         pos = 0
-        for part in (self._tail, header, data, digest):
+        for part in (self._tail, *parts):
             buf[pos : pos + len(part)] = part
             pos += len(part)
         buf[need:padded] = bytes(padded - need)
@@ -342,6 +438,10 @@ class Journal:
             with self._lock:
                 target = self._written
                 if target <= self._durable or self._fd is None:
+                    return
+            self.wait_written(target)
+            with self._lock:
+                if self._fd is None:
                     return
                 fd = os.dup(self._fd)  # stays valid if a segment switch closes the original
             try:
@@ -415,7 +515,7 @@ class Journal:
         self._stop.set()
         if self._committer is not None:
             self._committer.join()
-        self.commit()
+        self.commit()  # direct: also writes what is queued
         with self._lock:
             if self._fd is not None:
                 self._seal_fd()

@@ -60,7 +60,7 @@ class ProtectOptions:
     store_limit: int | None = None  # default: the volume's size
     journal: bool = True
     journal_max: int | None = None
-    journal_direct: bool = False
+    journal_direct: bool = True
     commit_interval: float = 0.05
     repo: Repository | None = None  # ship the journal into this repository
     ship_interval: float = 0.25
