@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 
 from umbra.frontends.exports import BlockExport
 from umbra.frontends.nbd import protocol as p
+from umbra.frontends.nbd.stream import ExactReader, serve_tcp, serve_unix
 
 log = logging.getLogger("umbra.nbd")
 MAX_INFLIGHT = 64
@@ -62,13 +63,13 @@ class NbdServer:
             path = address[5:]
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(path)
-            server = await asyncio.start_unix_server(self._handle, path, limit=p.MAX_DISCARDABLE)
+            server = await serve_unix(self._handle, path)
             os.chmod(path, 0o600)
             self._unix_paths.append(path)
             bound = address
         else:
             host, _, port = address.rpartition(":")
-            server = await asyncio.start_server(self._handle, host or "127.0.0.1", int(port), limit=p.MAX_DISCARDABLE)
+            server = await serve_tcp(self._handle, host or "127.0.0.1", int(port))
             sock_host, sock_port = server.sockets[0].getsockname()[:2]
             bound = f"{sock_host}:{sock_port}"
         self._servers.append(server)
@@ -87,7 +88,7 @@ class NbdServer:
 
     # --- connection ------------------------------------------------------------------------
 
-    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def _handle(self, reader: ExactReader, writer: asyncio.StreamWriter) -> None:
         self._connections.add(writer)
         self.connections_total += 1
         session = _Session()
@@ -104,7 +105,7 @@ class NbdServer:
             with contextlib.suppress(Exception):
                 await writer.wait_closed()
 
-    async def _handshake(self, r: asyncio.StreamReader, w: asyncio.StreamWriter, s: _Session) -> bool:
+    async def _handshake(self, r: ExactReader, w: asyncio.StreamWriter, s: _Session) -> bool:
         w.write(struct.pack(">QQH", p.NBDMAGIC, p.IHAVEOPT, p.FLAG_FIXED_NEWSTYLE | p.FLAG_NO_ZEROES))
         await w.drain()
         (client_flags,) = struct.unpack(">I", await r.readexactly(4))
@@ -231,7 +232,7 @@ class NbdServer:
 
     # --- transmission ----------------------------------------------------------------------
 
-    async def _transmission(self, r: asyncio.StreamReader, w: asyncio.StreamWriter, s: _Session) -> None:
+    async def _transmission(self, r: ExactReader, w: asyncio.StreamWriter, s: _Session) -> None:
         assert s.export is not None
         export = s.export
         lock = asyncio.Lock()
