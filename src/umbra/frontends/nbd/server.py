@@ -270,6 +270,8 @@ class NbdServer:
                 task = asyncio.create_task(self._run(w, lock, s, export, req, payload))
                 tasks.add(task)
                 task.add_done_callback(tasks.discard)
+                if payload:  # exports copy what they write: the buffer is free once the request is done
+                    task.add_done_callback(lambda _t, b=payload: r.release(b))  # type: ignore[misc]
                 task.add_done_callback(lambda _t: slots.release())
         finally:
             if tasks:
