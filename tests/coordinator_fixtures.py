@@ -25,6 +25,17 @@ def xfs_host(tmp_path: Path, size: int = 400 * MiB) -> Iterator[Path]:
 
 
 @contextmanager
+def btrfs_host(tmp_path: Path, size: int = 400 * MiB) -> Iterator[Path]:
+    """A fresh btrfs filesystem on a loop device, mounted read-write."""
+    img = tmp_path / "host-btrfs.img"
+    with open(img, "wb") as f:
+        f.truncate(size)
+    subprocess.run(["mkfs.btrfs", "-q", "-f", str(img)], check=True, capture_output=True)
+    with loop_device(img) as dev, mounted(dev, tmp_path / "btrfs", "rw") as mnt:
+        yield mnt
+
+
+@contextmanager
 def ext4_volumes(host: Path, tmp_path: Path, names: list[str], size: int = 48 * MiB) -> Iterator[dict[str, Path]]:
     """Mounted ext4 filesystems whose images live on ``host``; yields name → mount point."""
     with ExitStack() as stack:

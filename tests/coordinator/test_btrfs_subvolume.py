@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import requires
-from tests.loopdev import loop_device, mounted
+from tests.coordinator_fixtures import btrfs_host
 from umbra.engine import restore
 from umbra.errors import TargetError
 from umbra.repo.repository import Repository
@@ -25,11 +25,7 @@ pytestmark = [pytest.mark.root, pytest.mark.loopdev]
 @pytest.fixture
 def pool(tmp_path: Path) -> Iterator[Path]:
     requires("loop", "mkfs.btrfs")
-    img = tmp_path / "pool.img"
-    with open(img, "wb") as f:
-        f.truncate(400 << 20)
-    subprocess.run(["mkfs.btrfs", "-q", "-f", str(img)], check=True, capture_output=True)
-    with loop_device(img) as dev, mounted(dev, tmp_path / "pool", "rw") as mnt:
+    with btrfs_host(tmp_path) as mnt:
         yield mnt
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import requires
-from tests.coordinator_fixtures import ext4_volumes, xfs_host
+from tests.coordinator_fixtures import btrfs_host, ext4_volumes, xfs_host
 from tests.loopdev import loop_device, mounted
 from umbra.coordinator.snapshot_set import SetOptions, SnapshotSet
 from umbra.engine import backup_set, restore
@@ -481,11 +481,7 @@ while not os.path.exists(stop):
 
 def test_btrfs_subvolume_snapshot_shared_by_the_set(repo: Repository, tmp_path: Path) -> None:
     requires("loop", "mkfs.btrfs")
-    img = tmp_path / "btrfs.img"
-    with open(img, "wb") as f:
-        f.truncate(300 << 20)
-    subprocess.run(["mkfs.btrfs", "-q", "-f", str(img)], check=True, capture_output=True)
-    with loop_device(img) as dev, mounted(dev, tmp_path / "b", "rw") as mnt:
+    with btrfs_host(tmp_path) as mnt:
         subprocess.run(["btrfs", "subvolume", "create", str(mnt / "vms")], check=True, capture_output=True)
         a, b = mnt / "vms" / "a.img", mnt / "vms" / "b.img"
         a.write_bytes(bytes(1 << 20))

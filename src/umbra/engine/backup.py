@@ -160,6 +160,8 @@ def _stream_reader(
             out.put(batch)
             if len(data) < per_run * block_size:
                 break
+        if not stop.is_set():
+            stream.close()  # raises if btrfs send failed: the stream would be incomplete
         out.put(_DONE)
     except BaseException as exc:  # noqa: BLE001 - handed to the consuming thread
         out.put(exc)
@@ -193,19 +195,10 @@ def run(repo: Repository, opts: BackupOptions, progress: Progress | None = None)
         tracked = _tracked_changes(opts, parent, source.size)
         if tracked is not None:
             used = fill.track(used, tracked)
-        writer = BlobWriter(repo)
-        tree = TreeBuilder(repo.config.fanout, lambda node: _store_node(repo, writer, node))
         counts = {"blocks_read": 0, "blocks_zero": 0, "bytes_read": 0}
         progress.start(f"backup {opts.volume}", sum(1 for _ in used.blocks(bs)) * bs)
-        try:
-            reader = functools.partial(_reader, source, used, bs, on_read=opts.on_read)
-            _pump(repo, writer, tree, reader, nblocks, opts.workers, counts, progress, fill)
-            late = opts.finish_read() if opts.finish_read is not None else {}
-            root, height = tree.finish()
-            wstats = writer.finish()
-        except BaseException:
-            writer.abort()
-            raise
+        reader = functools.partial(_reader, source, used, bs, on_read=opts.on_read)
+        root, height, wstats, late = _store(repo, opts, reader, nblocks, counts, progress, fill)
         progress.finish()
         read = _Read(source.size, used.used_bytes, nblocks, used.kind, root, height, counts, wstats, tracked, late)
         return _save_point(repo, lock, opts, parent, read, started)
@@ -214,32 +207,45 @@ def run(repo: Repository, opts: BackupOptions, progress: Progress | None = None)
 def _run_stream(repo: Repository, opts: BackupOptions, progress: Progress) -> BackupResult:
     """Back up a btrfs subvolume as its send stream: read in order, size known at the end."""
     started = time.monotonic()
-    stream = btrfs_send.SendStream(opts.source)
     with repo.lock(exclusive=False) as lock:
+        repo.invalidate_index()
+        parent = _choose_parent(repo, opts)
+        counts = {"blocks_read": 0, "blocks_zero": 0, "bytes_read": 0}
+        progress.start(f"backup {opts.volume} (btrfs send)", 0)
+        stream = btrfs_send.SendStream(opts.source)
         try:
-            repo.invalidate_index()
-            parent = _choose_parent(repo, opts)
-            writer = BlobWriter(repo)
-            tree = TreeBuilder(repo.config.fanout, lambda node: _store_node(repo, writer, node))
-            counts = {"blocks_read": 0, "blocks_zero": 0, "bytes_read": 0}
-            progress.start(f"backup {opts.volume} (btrfs send)", 0)
-            try:
-                reader = functools.partial(_stream_reader, stream, repo.config.block_size)
-                _pump(repo, writer, tree, reader, 0, opts.workers, counts, progress, _Fill(repo, None, 0, 1))
-                stream.close()  # raises if btrfs send failed: the stream would be incomplete
-                late = opts.finish_read() if opts.finish_read is not None else {}
-                root, height = tree.finish()
-                wstats = writer.finish()
-            except BaseException:
-                writer.abort()
-                raise
-        except BaseException:
-            stream.kill()
-            raise
+            reader = functools.partial(_stream_reader, stream, repo.config.block_size)
+            root, height, wstats, late = _store(repo, opts, reader, 0, counts, progress, _Fill(repo, None, 0, 1))
+        finally:
+            stream.kill()  # nothing to do once btrfs send has ended
         progress.finish()
         size, nblocks = counts["bytes_read"], counts["blocks_read"]
         read = _Read(size, size, nblocks, "all", root, height, counts, wstats, None, late)
         return _save_point(repo, lock, opts, parent, read, started)
+
+
+def _store(
+    repo: Repository,
+    opts: BackupOptions,
+    read: Callable[[queue.Queue[Any], threading.Event], None],
+    nblocks: int,
+    counts: dict[str, int],
+    progress: Progress,
+    fill: _Fill,
+) -> tuple[bytes, int, WriterStats, dict[str, Any]]:
+    """Store the blocks ``read`` queues (packs and tree), then call ``opts.finish_read``; returns
+    the tree's root and height, the writer's stats and finish_read's manifest fields.  On any
+    failure the packs written so far are abandoned."""
+    writer = BlobWriter(repo)
+    tree = TreeBuilder(repo.config.fanout, lambda node: _store_node(repo, writer, node))
+    try:
+        _pump(repo, writer, tree, read, nblocks, opts.workers, counts, progress, fill)
+        late = opts.finish_read() if opts.finish_read is not None else {}
+        root, height = tree.finish()
+        return root, height, writer.finish(), late
+    except BaseException:
+        writer.abort()
+        raise
 
 
 @dataclass

@@ -61,8 +61,11 @@ class SendStream:
             raise SourceReadError(path=self.path, offset=self.offset, reason=reason or f"btrfs send exited {code}")
 
     def kill(self) -> None:
-        self._proc.kill()
+        """Stop ``btrfs send`` if it still runs (a backup that failed or stopped early)."""
+        self._proc.kill()  # nothing once it has exited and been waited for
         self._proc.wait()
+        if self._proc.stdout is not None:
+            self._proc.stdout.close()
         self._err.close()
 
 
