@@ -12,7 +12,7 @@ from typing import Protocol
 from umbra.cow.bitmap import Bitmap
 from umbra.cow.engine import CowVolume
 from umbra.repo.view import BlockView
-from umbra.volume.blockio import pwrite_all, write_zeros
+from umbra.volume.blockio import punch_hole, pwrite_all, write_zeros
 from umbra.volume.sink import Target
 from umbra.volume.source import data_extents
 
@@ -193,9 +193,22 @@ class OverlayExport:
             os.fdatasync(self.fd)
 
     def zero(self, offset: int, length: int, fua: bool) -> None:
-        step = 1 << 20
-        for pos in range(offset, offset + length, step):
-            self.write(pos, bytes(min(step, offset + length - pos)), fua=False)
+        """Zero (or trim) a range: partial pages at its edges are written, whole pages become a
+        hole in the overlay, so trimming a whole disk (mkfs does) costs no space and no writes."""
+        if offset < 0 or offset + length > self.size:
+            raise OSError(errno.ENOSPC, "zero past the end of the volume")
+        end = offset + length
+        first, last = -(-offset // self.PAGE) * self.PAGE, end // self.PAGE * self.PAGE
+        if first >= last:  # no whole page inside
+            self.write(offset, bytes(length), fua)
+            return
+        if offset < first:
+            self.write(offset, bytes(first - offset), False)
+        if last < end:
+            self.write(last, bytes(end - last), False)
+        with self._lock:
+            punch_hole(self.fd, first, last - first)
+            self.pages.set_range(first // self.PAGE, last // self.PAGE)
         if fua:
             os.fdatasync(self.fd)
 

@@ -6,8 +6,6 @@ held by anyone else); image files take an exclusive ``flock`` that umbra's other
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import errno
 import fcntl
 import os
@@ -15,13 +13,7 @@ import stat
 from dataclasses import dataclass
 
 from umbra.errors import SourceError, VolumeBusy
-from umbra.volume.blockio import pwrite_all, write_zeros, zero_device
-
-FALLOC_FL_KEEP_SIZE = 0x01
-FALLOC_FL_PUNCH_HOLE = 0x02
-
-_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-_libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+from umbra.volume.blockio import punch_hole, pwrite_all, zero_device
 
 
 @dataclass
@@ -46,12 +38,8 @@ class Backing:
             return
         if self.is_block_device:
             zero_device(self.fd, offset, length)
-            return
-        if _libc.fallocate(self.fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length) != 0:
-            err = ctypes.get_errno()
-            if err not in (errno.EOPNOTSUPP, errno.ENOSYS):
-                raise OSError(err, os.strerror(err))
-            write_zeros(self.fd, offset, length)
+        else:
+            punch_hole(self.fd, offset, length)
 
     def flush(self) -> None:
         os.fdatasync(self.fd)

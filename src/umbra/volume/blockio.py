@@ -2,12 +2,20 @@
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import errno
 import fcntl
 import os
 import struct
 
 BLKZEROOUT = 0x127F
+FALLOC_FL_KEEP_SIZE = 0x01
+FALLOC_FL_PUNCH_HOLE = 0x02
 _ZERO_CHUNK = bytes(1 << 20)
+
+_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+_libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
 
 
 def pwrite_all(fd: int, data: bytes | memoryview, offset: int) -> None:
@@ -32,4 +40,16 @@ def zero_device(fd: int, offset: int, length: int) -> None:
     try:
         fcntl.ioctl(fd, BLKZEROOUT, struct.pack("QQ", offset, length))
     except OSError:
+        write_zeros(fd, offset, length)
+
+
+def punch_hole(fd: int, offset: int, length: int) -> None:
+    """Make a file range read as zeros and free its space (FALLOC_FL_PUNCH_HOLE), or write zeros
+    where the filesystem cannot punch holes."""
+    if length <= 0:
+        return
+    if _libc.fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length) != 0:
+        err = ctypes.get_errno()
+        if err not in (errno.EOPNOTSUPP, errno.ENOSYS):
+            raise OSError(err, os.strerror(err))
         write_zeros(fd, offset, length)
