@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from typing import NamedTuple
 
 import blake3
 
@@ -18,8 +18,9 @@ from umbra.repo.format import AAD_INDEX, INDEX_ENTRY, INDEX_MAGIC, INDEX_PACK, B
 from umbra.repo.pack import PackEntry
 
 
-@dataclass(frozen=True)
-class Location:
+class Location(NamedTuple):
+    """Where a blob is stored (a tuple, cheap to make by the million)."""
+
     pack_id: str
     blob_type: BlobType
     offset: int
@@ -45,10 +46,12 @@ class Index:
 
     def add_pack(self, pack_id: str, entries: Iterable[PackEntry]) -> None:
         listed = self._packs.setdefault(pack_id, [])
-        known = {(e.blob_id, e.offset) for e in listed}
+        known = {(e.blob_id, e.offset) for e in listed}  # a pack listed by several index files
+        blobs = self._blobs
         for e in entries:
-            self._blobs.setdefault(e.blob_id, Location(pack_id, e.blob_type, e.offset, e.length))
-            if (e.blob_id, e.offset) not in known:
+            if e.blob_id not in blobs:
+                blobs[e.blob_id] = Location(pack_id, e.blob_type, e.offset, e.length)
+            if not known or (e.blob_id, e.offset) not in known:
                 listed.append(e)
 
     def items(self) -> Iterator[tuple[bytes, Location]]:
@@ -57,6 +60,9 @@ class Index:
     def packs(self) -> dict[str, list[PackEntry]]:
         """Every pack's entries, duplicates included, as index files list them."""
         return self._packs
+
+
+_BLOB_TYPES = {int(t): t for t in BlobType}  # a dict lookup instead of an Enum call per entry
 
 
 def encode_index(crypto: Crypto, packs: dict[str, list[PackEntry]]) -> tuple[str, bytes]:
@@ -84,17 +90,20 @@ def decode_index(crypto: Crypto, data: bytes, what: str) -> dict[str, list[PackE
         count = int.from_bytes(body[8:12], "little")
         pos = 12
         packs: dict[str, list[PackEntry]] = {}
+        view = memoryview(body)
         for _ in range(count):
             raw_id, n = INDEX_PACK.unpack_from(body, pos)
             pos += INDEX_PACK.size
-            entries = []
-            for _ in range(n):
-                t, bid, off, length = INDEX_ENTRY.unpack_from(body, pos)
-                pos += INDEX_ENTRY.size
-                entries.append(PackEntry(BlobType(t), bid, off, length))
-            packs[raw_id.hex()] = entries
+            end = pos + n * INDEX_ENTRY.size
+            if end > len(body):
+                raise ValueError("entries past the end")
+            packs[raw_id.hex()] = [
+                PackEntry(_BLOB_TYPES[t], bid, off, length)
+                for t, bid, off, length in INDEX_ENTRY.iter_unpack(view[pos:end])
+            ]
+            pos = end
         if pos != len(body):
             raise ValueError("trailing bytes")
         return packs
-    except (ValueError, IndexError, struct.error) as exc:
-        raise IntegrityError(f"{what}: malformed index ({exc})") from None
+    except (ValueError, IndexError, KeyError, struct.error) as exc:
+        raise IntegrityError(f"{what}: malformed index ({exc!r})") from None

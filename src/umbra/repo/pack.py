@@ -7,7 +7,7 @@ keys, and a pack can never be silently replaced by a different one of the same n
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import NamedTuple
 
 import blake3
 
@@ -16,8 +16,9 @@ from umbra.repo.crypto import Crypto
 from umbra.repo.format import AAD_TRAILER, PACK_COUNT, PACK_ENTRY, PACK_FOOTER, PACK_MAGIC, BlobType
 
 
-@dataclass(frozen=True)
-class PackEntry:
+class PackEntry(NamedTuple):
+    """One blob in a pack (a tuple: millions of them are made when an index loads)."""
+
     blob_type: BlobType
     blob_id: bytes
     offset: int
