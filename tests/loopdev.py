@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import subprocess
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -25,4 +26,7 @@ def mounted(device: str, where: Path, options: str = "ro") -> Iterator[Path]:
     try:
         yield where
     finally:
-        subprocess.run(["umount", str(where)], check=False)
+        for _ in range(50):  # a process that just let go of it (a freeze watchdog exiting) may still hold it
+            if subprocess.run(["umount", str(where)], check=False, capture_output=True).returncode == 0:
+                break
+            time.sleep(0.1)

@@ -3,7 +3,8 @@
 The point is served as a FUSE block file over a copy-on-write overlay (nothing is restored and the
 point never changes), its filesystem is identified with ``blkid``, and the filesystem's own checker
 runs on it: for ext2/3/4 the journal is replayed into the overlay first (as a mount after a
-crash would), then ``e2fsck -fn`` checks everything; XFS gets ``xfs_repair -n``, btrfs
+crash would), then ``e2fsck -fn`` checks everything; XFS gets its log replayed by a mount through
+a loop device (root only), then ``xfs_repair -n``; btrfs
 ``btrfs check --readonly``, FAT ``fsck.fat -n``.  A btrfs subvolume stored as its send stream is
 parsed by ``btrfs receive --dump`` instead (every command and its CRC).  The result of a point (not
 of a state between points) is stored in the repository beside it.
@@ -98,6 +99,33 @@ def _verify_send_stream(point: Point, view: BlockView, ref: str) -> VerifyResult
     return result
 
 
+def _replay_xfs_log(path: str, mountpoint: str) -> dict[str, Any]:
+    """Replay an XFS log into the overlay, as a mount after a crash would: mount and unmount the
+    block file through a loop device.  (A filesystem backed up live or frozen has records in its
+    log and lazy superblock counters that only a mount brings up to date; ``xfs_repair -n`` would
+    report them as damage.  xfsprogs has no tool that replays a log without mounting.)"""
+    command = "mount -o nouuid; umount (replays the log)"
+    os.makedirs(mountpoint, exist_ok=True)
+    attach = subprocess.run(["losetup", "-f", "--show", path], capture_output=True, text=True, env=ENV, check=False)
+    if attach.returncode != 0:
+        return {"command": command, "exit_code": attach.returncode, "ok": False, "output": attach.stderr[-OUTPUT_TAIL:]}
+    loop = attach.stdout.strip()
+    try:
+        mount = subprocess.run(
+            ["mount", "-t", "xfs", "-o", "nouuid", loop, mountpoint],
+            capture_output=True,
+            text=True,
+            env=ENV,
+            check=False,
+        )
+        if mount.returncode == 0:
+            subprocess.run(["umount", mountpoint], capture_output=True, env=ENV, check=True)
+    finally:
+        subprocess.run(["losetup", "-d", loop], capture_output=True, env=ENV, check=False)
+    output = (mount.stdout + mount.stderr)[-OUTPUT_TAIL:]
+    return {"command": command, "exit_code": mount.returncode, "ok": mount.returncode == 0, "output": output}
+
+
 def _verify_filesystem(point: Point, view: BlockView, ref: str) -> VerifyResult:
     """fsck of the filesystem on a FUSE block file over a throw-away overlay."""
     from umbra.frontends.fuse import FuseBlockFiles  # pyfuse3 only for this command
@@ -113,6 +141,11 @@ def _verify_filesystem(point: Point, view: BlockView, ref: str) -> VerifyResult:
                 found = f"a {fstype} filesystem" if fstype else "no filesystem blkid knows"
                 raise FileSystemError(point=ref, reason=f"{found}; umbra checks {', '.join(sorted(CHECKERS))}")
             result = VerifyResult(point.id, ref, fstype, clean=True)
+            if fstype == "xfs":
+                result.steps.append(_replay_xfs_log(path, os.path.join(tmp, "xfs")))
+                if not result.steps[-1]["ok"]:
+                    result.clean = False
+                    return result
             for command, ok in CHECKERS[fstype]:
                 proc = subprocess.run(
                     [*command, path], capture_output=True, text=True, env=ENV, check=False, stdin=subprocess.DEVNULL
