@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import stat
+import struct
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -19,7 +20,7 @@ from typing import Any
 import pytsk3
 
 from umbra.errors import FileSystemError
-from umbra.volume import ext4
+from umbra.volume import ext4, jbd2
 
 log = logging.getLogger(__name__)
 Reader = Callable[[int, int], bytes]
@@ -136,10 +137,38 @@ class FileSystem:
         self._fs = self._detect(_ReaderImage(read, size))
         self.type_name = _TYPE_NAMES.get(int(self._fs.info.ftype), "unknown")
         self._ext = self._fs.info.ftype in _EXT_TYPES
-        self._geo = ext4.read_geometry(read, size) if self._ext else None
+        self.journal_blocks = 0  # blocks read from the journal instead of their home (ext3/4)
+        if self._ext:
+            self._replay_journal(size)
+        self._geo = ext4.read_geometry(self._read, size) if self._ext else None
         self.root_inode = int(self._fs.info.root_inum)
         self.bytes_read = 0
         self._open_files: dict[int, Any] = {}  # inode -> TSK file, for read_at
+
+    def _replay_journal(self, size: int) -> None:
+        """An ext3/4 image that needs recovery is read as a mount would see it: with its journal's
+        committed blocks laid over their home locations (:mod:`umbra.volume.jbd2`)."""
+        info = jbd2.journal_of(self._read(ext4.SUPERBLOCK_OFFSET, 1024))
+        if not info.needs_recovery or not info.inode:
+            return
+        try:
+            journal = self._fs.open_meta(inode=info.inode)
+            journal_size = int(journal.info.meta.size)
+            (fs_blocks,) = struct.unpack_from("<I", self._read(ext4.SUPERBLOCK_OFFSET, 1024), 4)
+            geo = ext4.read_geometry(self._read, size)
+
+            def read_journal(offset: int, length: int) -> bytes:
+                return bytes(journal.read_random(offset, length))
+
+            replay = jbd2.scan(read_journal, journal_size, geo.blocks_count if geo else fs_blocks)
+        except (OSError, struct.error) as exc:
+            log.warning("%s: journal not replayed (%s): recent changes may be missing", self.label, exc)
+            return
+        if replay is None:
+            return
+        self._read = jbd2.ReplayedReader(self._read, read_journal, replay)
+        self._fs = self._detect(_ReaderImage(self._read, size))
+        self.journal_blocks = len(replay.copies)
 
     def _detect(self, image: _ReaderImage) -> Any:
         """Try each family in turn.  TSK's own all-type detection also probes for YAFFS2 (a flash
