@@ -98,6 +98,8 @@ def test_plain_device_needs_hold_chosen(plain: Path) -> None:
     with pytest.raises(ProviderError, match=r"hold: would do, but only when chosen \(--provider hold\)"):
         registry.select(resolve_source(str(plain)))
     assert registry.select(resolve_source(str(plain)), ["hold"]).name == "hold"
+    listed = {s.name: s for s in registry.statuses()}
+    assert listed["hold"].opt_in and not listed["reflink"].opt_in
 
 
 def test_hold_keeps_the_filesystem_frozen_until_read(repo: Repository, plain: Path, tmp_path: Path) -> None:

@@ -20,7 +20,8 @@ def providers(json_out: JsonOption = False) -> None:
         return
     table = Table("provider", "kind", "available", "what it does")
     for r in rows:
-        table.add_row(r.name, r.kind, "yes" if r.available else f"no: {r.reason}", r.description)
+        available = ("yes, if chosen" if r.opt_in else "yes") if r.available else f"no: {r.reason}"
+        table.add_row(r.name, r.kind, available, r.description)
     stdout.print(table)
 
 

@@ -24,6 +24,7 @@ class ProviderStatus:
     description: str
     available: bool
     reason: str | None
+    opt_in: bool = False  # used only when named with --provider
 
 
 def statuses() -> list[ProviderStatus]:
@@ -31,7 +32,8 @@ def statuses() -> list[ProviderStatus]:
     out = []
     for cls in sorted(PROVIDERS, key=lambda c: c.kind):
         reason = cls.unavailable()
-        out.append(ProviderStatus(cls.name, cls.kind.name.lower(), cls.description, reason is None, reason))
+        kind = cls.kind.name.lower()
+        out.append(ProviderStatus(cls.name, kind, cls.description, reason is None, reason, cls.opt_in))
     freeze_reason = None if os.geteuid() == 0 else "FIFREEZE needs root (CAP_SYS_ADMIN)"
     out.append(
         ProviderStatus(
