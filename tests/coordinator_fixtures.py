@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import subprocess
 from collections.abc import Iterator
-from contextlib import ExitStack, contextmanager
+from contextlib import AbstractContextManager, ExitStack, contextmanager
 from pathlib import Path
 
 from tests.loopdev import loop_device, mounted
@@ -15,24 +15,22 @@ MiB = 1 << 20
 
 
 @contextmanager
-def xfs_host(tmp_path: Path, size: int = 400 * MiB) -> Iterator[Path]:
-    img = tmp_path / "host-xfs.img"
+def host_filesystem(tmp_path: Path, fstype: str, mountpoint: str, size: int = 400 * MiB) -> Iterator[Path]:
+    """A fresh filesystem of ``fstype`` (xfs, btrfs) on a loop device, mounted read-write."""
+    img = tmp_path / f"host-{fstype}.img"
     with open(img, "wb") as f:
         f.truncate(size)
-    subprocess.run(["mkfs.xfs", "-q", "-f", str(img)], check=True, capture_output=True)
-    with loop_device(img) as dev, mounted(dev, tmp_path / "host", "rw") as mnt:
+    subprocess.run([f"mkfs.{fstype}", "-q", "-f", str(img)], check=True, capture_output=True)
+    with loop_device(img) as dev, mounted(dev, tmp_path / mountpoint, "rw") as mnt:
         yield mnt
 
 
-@contextmanager
-def btrfs_host(tmp_path: Path, size: int = 400 * MiB) -> Iterator[Path]:
-    """A fresh btrfs filesystem on a loop device, mounted read-write."""
-    img = tmp_path / "host-btrfs.img"
-    with open(img, "wb") as f:
-        f.truncate(size)
-    subprocess.run(["mkfs.btrfs", "-q", "-f", str(img)], check=True, capture_output=True)
-    with loop_device(img) as dev, mounted(dev, tmp_path / "btrfs", "rw") as mnt:
-        yield mnt
+def xfs_host(tmp_path: Path, size: int = 400 * MiB) -> AbstractContextManager[Path]:
+    return host_filesystem(tmp_path, "xfs", "host", size)
+
+
+def btrfs_host(tmp_path: Path, size: int = 400 * MiB) -> AbstractContextManager[Path]:
+    return host_filesystem(tmp_path, "btrfs", "btrfs", size)
 
 
 @contextmanager
