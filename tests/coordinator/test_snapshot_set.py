@@ -4,6 +4,7 @@ two-volume invariant, and SQLite consistency."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -539,7 +540,9 @@ def test_writer_that_never_thaws_is_a_clear_error(repo: Repository, host: Path, 
 def test_components_document_and_providers_listing(repo: Repository, host: Path, tmp_path: Path) -> None:
     with ext4_volumes(host, tmp_path, ["data"]) as mnts:
         db = mnts["data"] / "x.db"
-        sqlite3.connect(db).execute("create table t(x)").connection.commit()
+        with contextlib.closing(sqlite3.connect(db)) as conn:  # closed: the test unmounts this filesystem
+            conn.execute("create table t(x)")
+            conn.commit()
         (res,) = backup_set.run(repo, backup_opts(mnts), [SQLiteWriter([str(db)])])
     comp = res.point.components
     assert comp["set_id"] == res.point.set_id and comp["volumes"][0]["provider"] == "reflink"
