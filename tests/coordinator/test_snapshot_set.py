@@ -165,6 +165,10 @@ def test_backup_complete_outcome_is_stored_and_listed(repo: Repository, host: Pa
     assert by_id[second.point.id]["set_outcome"]["status"] == "ok"
     table = CliRunner().invoke(app, ["list"], env=env, terminal_width=200)
     assert "notify-failed" in table.output
+    lines = CliRunner().invoke(app, ["list", "--phases"], env=env, terminal_width=200).output.splitlines()
+    first_line = next(line for line in lines if line.startswith(first.point.short_id + "  "))
+    assert "flush-and-hold ok" in first_line and "commit ok" in first_line
+    assert "backup-complete FAILED" in first_line and "(a writer failed)" in first_line
     with repo.lock(exclusive=True):
         prune(repo, Policy(keep_last=1))
     assert set(repo.set_outcomes()) == {second.point.set_id}, "an outcome goes with its last point"

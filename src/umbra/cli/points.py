@@ -17,6 +17,9 @@ from umbra.repo.repository import Repository
 def list_points(
     repo: RepoOption = None,
     volume: Annotated[str | None, typer.Option("--volume", "-v", help="Only this volume.")] = None,
+    phases: Annotated[
+        bool, typer.Option("--phases", help="Also each snapshot-set phase: outcome and duration.")
+    ] = False,
     json_out: JsonOption = False,
 ) -> None:
     """List points, oldest first."""
@@ -35,6 +38,8 @@ def list_points(
         )
     else:
         _print_points(points, verified, outcomes)
+        if phases:
+            _print_phases(points, outcomes)
     if problems:
         raise typer.Exit(EXIT_WARNING)
 
@@ -73,6 +78,24 @@ def _print_points(points: list[Point], verified: dict[str, bool], outcomes: dict
             ",".join(p.tags),
         )
     stdout.print(table)
+
+
+def _print_phases(points: list[Point], outcomes: dict[str, dict[str, Any]]) -> None:
+    """One line per point of a snapshot set: its phases in order (the set's backup-complete from
+    the stored outcome), each with ok/FAILED and its duration."""
+    for p in points:
+        if not p.phases:
+            continue
+        recorded = list(p.phases)
+        outcome = outcomes.get(p.set_id or "")
+        if outcome is not None:
+            recorded += [ph for ph in outcome.get("phases", []) if ph.get("name") == "backup-complete"]
+        parts = [
+            f"{ph['name']} {'ok' if ph.get('ok') else 'FAILED'} {float(ph.get('duration_s', 0)):.3f}s"
+            + (f" ({ph['error']})" if ph.get("error") else "")
+            for ph in recorded
+        ]
+        stdout.print(f"{p.short_id}  " + " · ".join(parts), soft_wrap=True, markup=False, highlight=False)
 
 
 def diff(
