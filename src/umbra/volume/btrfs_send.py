@@ -30,6 +30,14 @@ def _stderr_text(f: IO[bytes]) -> str:
     return f.read().decode(errors="replace").strip()
 
 
+def _failure(proc: subprocess.Popen[bytes], err: IO[bytes], command: str) -> str | None:
+    """Wait for ``proc``; why it failed (its stderr, or its exit code), or None if it succeeded."""
+    code = proc.wait()
+    reason = _stderr_text(err)
+    err.close()
+    return None if code == 0 else reason or f"{command} exited {code}"
+
+
 class SendStream:
     """``btrfs send`` of a read-only subvolume, read sequentially in blocks."""
 
@@ -54,11 +62,9 @@ class SendStream:
         """
         if self._proc.stdout is not None:
             self._proc.stdout.close()
-        code = self._proc.wait()
-        reason = _stderr_text(self._err)
-        self._err.close()
-        if code != 0:
-            raise SourceReadError(path=self.path, offset=self.offset, reason=reason or f"btrfs send exited {code}")
+        failure = _failure(self._proc, self._err, "btrfs send")
+        if failure is not None:
+            raise SourceReadError(path=self.path, offset=self.offset, reason=failure)
 
     def kill(self) -> None:
         """Stop ``btrfs send`` if it still runs (a backup that failed or stopped early)."""
@@ -104,11 +110,9 @@ class ReceiveTarget(Target):
     def finish(self) -> None:
         assert self._proc.stdin is not None
         self._proc.stdin.close()
-        code = self._proc.wait()
-        reason = _stderr_text(self._err)
-        self._err.close()
-        if code != 0:
-            raise TargetError(path=self.path, reason=reason or f"btrfs receive exited {code}")
+        failure = _failure(self._proc, self._err, "btrfs receive")
+        if failure is not None:
+            raise TargetError(path=self.path, reason=failure)
 
     def abort(self) -> None:
         self._proc.kill()

@@ -148,19 +148,19 @@ class FileSystem:
     def _replay_journal(self, size: int) -> None:
         """An ext3/4 image that needs recovery is read as a mount would see it: with its journal's
         committed blocks laid over their home locations (:mod:`umbra.volume.jbd2`)."""
-        info = jbd2.journal_of(self._read(ext4.SUPERBLOCK_OFFSET, 1024))
+        superblock = self._read(ext4.SUPERBLOCK_OFFSET, 1024)
+        info = jbd2.journal_of(superblock)
         if not info.needs_recovery or not info.inode:
             return
         try:
             journal = self._fs.open_meta(inode=info.inode)
-            journal_size = int(journal.info.meta.size)
-            (fs_blocks,) = struct.unpack_from("<I", self._read(ext4.SUPERBLOCK_OFFSET, 1024), 4)
-            geo = ext4.read_geometry(self._read, size)
+            geo = ext4.read_geometry(self._read, size)  # None on layouts it does not map: the low count then
+            fs_blocks = geo.blocks_count if geo else struct.unpack_from("<I", superblock, 4)[0]
 
             def read_journal(offset: int, length: int) -> bytes:
                 return bytes(journal.read_random(offset, length))
 
-            replay = jbd2.scan(read_journal, journal_size, geo.blocks_count if geo else fs_blocks)
+            replay = jbd2.scan(read_journal, int(journal.info.meta.size), fs_blocks)
         except (OSError, struct.error) as exc:
             log.warning("%s: journal not replayed (%s): recent changes may be missing", self.label, exc)
             return

@@ -42,7 +42,7 @@ class ExactReader(asyncio.BufferedProtocol):
         self._reading_paused = False
         self._closed: asyncio.Future[None] = loop.create_future()
         self._transport: asyncio.Transport | None = None
-        self._task: asyncio.Task[None] | None = None
+        self._task: asyncio.Task[None] | None = None  # the handler (held here: the loop keeps tasks weakly)
         # payload buffers handed back with release(): a fresh 1 MiB bytearray costs page faults
         # (and zeroing) that were a third of the event loop's time under large writes
         self._pool: dict[int, list[bytearray]] = {}
