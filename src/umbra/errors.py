@@ -142,6 +142,12 @@ class PointNotFound(RepositoryError):
     exit_code = 23
 
 
+class InstantInGap(PointNotFound):
+    """no state of {volume} at {time}: its journal lacks the writes from {since} to {until} ({reason}); {hint}"""
+
+    exit_code = 26
+
+
 class AmbiguousPoint(RepositoryError):
     """point id prefix {ref!r} is ambiguous: it matches {count} points"""
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import random
 from pathlib import Path
@@ -254,3 +255,179 @@ def test_direct_appends_from_many_threads(tmp_path: Path) -> None:
     reopened = Journal.open(tmp_path / "j", SIZE)
     assert sorted(r.data for r in reopened.records()) == sorted(done.values())
     reopened.close()
+
+
+# --- gaps: a journal that cannot be written never fails the volume's writes --------------------
+
+
+def _fill_until_gap(journal: Journal, rng: random.Random) -> int:
+    """Append writes (small ones through the page cache, large ones as O_DIRECT batches) until the
+    journal's filesystem is full; every append returns.  Returns how many were made."""
+    n = 0
+    while journal.gap is None:
+        data = rng.randbytes(rng.choice([3000, 60000, DIRECT_MIN + 5000]))
+        journal.wait_written(journal.append_write(rng.randrange(SIZE - len(data)), data))
+        n += 1
+        assert n < 5000, "the filesystem never filled"
+    return n
+
+
+def _contiguous(journal: Journal) -> list:
+    records = list(journal.records())
+    assert [r.seq for r in records] == list(range(1, len(records) + 1))
+    return records
+
+
+@pytest.mark.loopdev
+@pytest.mark.parametrize("fstype", ["ext4", "tmpfs"])
+def test_a_full_filesystem_makes_a_recorded_gap_not_failed_writes(
+    tmp_path: Path, fstype: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from tests.loopdev import small_filesystem
+    from umbra.cow import journal as journal_mod
+
+    monkeypatch.setattr(journal_mod, "RETRY_FIRST", 0.0)
+    with small_filesystem(tmp_path / "fs", 8, fstype) as fs:
+        filler = fs / "filler"
+        filler.write_bytes(os.urandom(2 << 20))
+        journal = Journal.open(fs / "j", SIZE, direct=True, segment_bytes=2 << 20, resume_free=1 << 20)
+        assert journal.direct or fstype == "tmpfs"  # older kernels' tmpfs has no O_DIRECT
+        rng = random.Random(7)
+        _fill_until_gap(journal, rng)
+        gap = journal.gap
+        assert gap is not None and "No space left" in gap.reason
+        kept = _contiguous(journal)  # whole records stay, the torn rest was cut
+        assert gap.since_ns == kept[-1].time_ns + 1
+        for _ in range(20):  # writes during the gap return at once and record nothing
+            journal.wait_written(journal.append_write(0, rng.randbytes(70000)))
+        journal.commit()
+        assert _contiguous(journal) == kept
+        assert journal.gap is gap
+        assert json.loads((fs / "j" / "gap").read_bytes().rstrip(b"\0"))["since_ns"] == gap.since_ns
+
+        filler.unlink()  # room again: the next append first records the gap, then goes on
+        journal.wait_written(journal.append_write(5, b"after"))
+        assert journal.gap is None and journal.gaps_recorded == 1
+        records = _contiguous(journal)
+        assert records[: len(kept)] == kept
+        mark, after = records[len(kept) :]
+        assert mark.kind == MARK and mark.mark["kind"] == "gap" and mark.mark["since_ns"] == gap.since_ns
+        assert "No space left" in mark.mark["reason"]
+        assert (after.kind, after.offset, after.data) == (WRITE, 5, b"after")
+        assert (fs / "j" / "gap").read_bytes() == bytes(4096)
+        journal.close()
+        reopened = Journal.open(fs / "j", SIZE)  # every segment intact
+        assert [(r.seq, r.data) for r in reopened.records()] == [(r.seq, r.data) for r in records]
+        reopened.close()
+
+
+def test_a_failed_batch_releases_every_waiter_and_keeps_the_whole_records(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """EIO on an O_DIRECT batch that many request threads wait for: they all return (their writes
+    go on), the records already whole in the file stay, and the journal resumes with a gap mark."""
+    import threading
+
+    from umbra.cow import journal as journal_mod
+
+    monkeypatch.setattr(journal_mod, "RETRY_FIRST", 0.0)
+    journal = Journal.open(tmp_path / "j", SIZE, direct=True, resume_free=0)
+    assert journal.direct
+    real_pwrite, failures = os.pwrite, []
+
+    def failing_pwrite(fd: int, data, offset: int) -> int:
+        if fd == journal._fd and len(failures) < 1 and len(data) > DIRECT_MIN * 3:
+            failures.append(offset)
+            real_pwrite(fd, bytes(len(data) // 2), offset)  # half of it reached the disk (zeros)
+            raise OSError(5, "Input/output error")
+        return real_pwrite(fd, data, offset)
+
+    monkeypatch.setattr(journal_mod.os, "pwrite", failing_pwrite)
+    done = []
+
+    def appender(seed: int) -> None:
+        rng = random.Random(seed)
+        for _ in range(40):
+            journal.wait_written(journal.append_write(seed, rng.randbytes(DIRECT_MIN)))
+            done.append(seed)
+
+    threads = [threading.Thread(target=appender, args=(s,)) for s in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert len(done) == 240, "every append returned"
+    assert failures, "a batch failed"
+    journal.commit()
+    records = _contiguous(journal)
+    gaps = [r for r in records if r.kind == MARK and r.mark["kind"] == "gap"]
+    assert len(gaps) == 1 and journal.gaps_recorded == 1
+    before = [r for r in records if r.seq < gaps[0].seq]
+    assert gaps[0].mark["since_ns"] == before[-1].time_ns + 1
+    assert len(records) - 1 < 240, "the failed batch's records are missing"
+    journal.close()
+    assert [r.seq for r in Journal.open(tmp_path / "j", SIZE).records()] == [r.seq for r in records]
+
+
+def test_a_gap_outlives_a_restart(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Stopped while it could not write: the next start records the gap before anything else."""
+    from umbra.cow import journal as journal_mod
+
+    journal = Journal.open(tmp_path / "j", SIZE, resume_free=0)
+    for i in range(10):
+        journal.append_write(i, b"x" * 100)
+    real_writev = os.writev
+
+    def enospc(fd: int, parts) -> int:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(journal_mod.os, "writev", enospc)
+    journal.append_write(0, b"lost")
+    gap = journal.gap
+    assert gap is not None
+    journal.close()
+    monkeypatch.setattr(journal_mod.os, "writev", real_writev)
+    reopened = Journal.open(tmp_path / "j", SIZE, resume_free=0)
+    assert reopened.gap is None
+    reopened.append_write(1, b"next")
+    *_, mark, last = _contiguous(reopened)
+    assert mark.mark == {"kind": "gap", "name": "journal", "since_ns": gap.since_ns, "reason": gap.reason}
+    assert last.data == b"next"
+    reopened.close()
+
+
+def test_mark_gap_records_writes_made_behind_the_journals_back(tmp_path: Path) -> None:
+    journal = Journal.open(tmp_path / "j", SIZE, resume_free=0)
+    journal.mark_gap("nothing to mark yet")  # an empty journal starts here: no gap
+    assert journal.gaps_recorded == 0
+    journal.append_write(0, b"a")
+    journal.mark_gap("the source was modified while it was not protected")
+    records = _contiguous(journal)
+    assert records[-1].mark["reason"] == "the source was modified while it was not protected"
+    assert records[-1].mark["since_ns"] == records[-2].time_ns + 1
+    assert len({r.path for r in journal._segments}) == 2  # the gap starts a new segment
+    journal.close()
+
+
+@pytest.mark.loopdev
+def test_min_free_drops_old_segments_then_pauses(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Below ``min_free`` the oldest segments go first (unshipped ones never); when that is not
+    enough the journal pauses with a gap before the filesystem is full."""
+    from tests.loopdev import small_filesystem
+
+    with small_filesystem(tmp_path / "fs", 16, "tmpfs") as fs:
+        journal = Journal.open(fs / "j", SIZE, segment_bytes=1 << 20, min_free=6 << 20, resume_free=0)
+        rng = random.Random(3)
+        for _ in range(300):  # ~18 MiB of records into 16 MiB, 6 of them kept free
+            journal.append_write(0, rng.randbytes(60000))
+        assert journal.gap is None, "old segments made room"
+        first = next(iter(journal.records(with_data=False))).seq
+        assert first > 1
+        journal.keep_after = journal.last_seq - 10  # the newest records are not shipped yet
+        (fs / "other").write_bytes(bytes(5 << 20))  # somebody else takes most of the free space
+        for _ in range(200):
+            journal.append_write(0, rng.randbytes(60000))
+        assert journal.gap is not None and "--journal-min-free" in journal.gap.reason
+        seqs = [r.seq for r in journal.records(with_data=False)]
+        assert seqs[0] <= journal.keep_after + 1, "no unshipped record was dropped"
+        journal.close()

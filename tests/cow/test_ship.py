@@ -255,3 +255,73 @@ def test_shipping_merges_its_index_files_and_survives_prune_between_batches(repo
     assert check(repo, read_data=True).ok
     for when, expected in s.history[-30:]:
         assert open_state(repo, f"v@{iso_ns(when)}")[1].read(0, SIZE) == expected
+
+
+def test_a_journal_gap_is_refused_until_the_next_point(
+    repo: Repository, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Writes made while the journal could not be written reach the volume; every instant before
+    the gap and after the next point restores exactly, every instant between is refused."""
+    from umbra.cow import journal as journal_mod
+    from umbra.engine.timeline import timeline
+    from umbra.errors import InstantInGap
+
+    monkeypatch.setattr(journal_mod, "RETRY_FIRST", 0.0)
+    s = Scenario(tmp_path, repo, seed=9)
+    s.journal.resume_free = 0
+    for _ in range(5):
+        s.write()
+    s.take_point()
+    for _ in range(30):
+        s.write()
+    real_writev = journal_mod.os.writev
+
+    def enospc(fd: int, parts: list) -> int:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(journal_mod.os, "writev", enospc)
+    for _ in range(20):
+        s.write()  # the volume takes them; the journal does not
+    gap = s.journal.gap
+    assert gap is not None
+    gap_writes = s.history[-20:]
+    monkeypatch.setattr(journal_mod.os, "writev", real_writev)
+    for _ in range(20):
+        s.write()  # the first one records the gap
+    assert s.journal.gap is None
+    assert (tmp_path / "vol.img").read_bytes() == s.model  # no write was lost on the volume
+    s.take_point()
+    second_point_ns = s.history[-1][0]
+    for _ in range(20):
+        s.write()
+    while s.shipper.ship_once():
+        pass
+    s.shipper.ship_once()
+
+    refused = 0
+    times = [t for t, _ in s.history]
+    for when in sorted({*times, *(t - 1 for t in times), gap.since_ns - 1, gap.since_ns}):
+        expected = s.expected(when)
+        if expected is None:
+            continue
+        if gap.since_ns <= when < second_point_ns:
+            with pytest.raises(InstantInGap, match="lacks the writes from"):
+                open_state(repo, f"v@{iso_ns(when)}")
+            refused += 1
+            continue
+        _inst, view = open_state(repo, f"v@{iso_ns(when)}")
+        assert view.read(0, SIZE) == expected, f"state at {when}"
+    assert refused >= 40 and all(gap.since_ns <= t < second_point_ns for t, _ in gap_writes)
+
+    events, _span = timeline(repo, "v")
+    (gap_event,) = [e for e in events if e.kind == "gap"]
+    assert gap_event.time_ns == gap.since_ns and "No space left" in gap_event.name
+
+    # compaction cannot make points inside the gap: it skips them and keeps every other instant
+    result = compact(repo, "v", keep_within_s=0, every_s=1e-6)
+    assert result.skipped and all(gap.since_ns <= t < second_point_ns for t in result.skipped)
+    _inst, view = open_state(repo, f"v@{iso_ns(gap.since_ns - 1)}")
+    assert view.read(0, SIZE) == s.expected(gap.since_ns - 1)
+    _inst, view = open_state(repo, f"v@{iso_ns(times[-1])}")
+    assert view.read(0, SIZE) == s.model
+    s.journal.close()

@@ -222,3 +222,65 @@ def test_repository_outage_pauses_shipping_and_loses_nothing(tmp_path: Path, mon
         proc = umbra(repo_dir, "restore", f"data@{iso_ns(when)}", str(out), "--force")
         assert proc.returncode == 0, proc.stderr
         assert out.read_bytes() == expected
+
+
+@pytest.mark.loopdev
+def test_a_full_journal_filesystem_never_fails_a_write(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The state directory's filesystem fills up under NBD writes: every write is still acknowledged
+    and lands in the volume; the journal records a gap when it has room again, and VOLUME@TIME
+    restores every instant before the gap and after the next point, and refuses those between."""
+    from tests.loopdev import small_filesystem
+
+    monkeypatch.setenv("UMBRA_PASSWORD", "secret")
+    repo_dir = tmp_path / "repo"
+    repo = Repository.init(LocalBackend(repo_dir), "secret", block_size=16384)
+    image = tmp_path / "data.img"
+    image.write_bytes(random.Random(8).randbytes(SIZE))
+    with small_filesystem(tmp_path / "statefs", 32) as fs:
+        monkeypatch.setenv("UMBRA_STATE_DIR", str(fs))
+        st = os.statvfs(fs)
+        filler = fs / "filler"
+        filler.write_bytes(bytes(st.f_bavail * st.f_frsize - 5 * MiB))
+        d = Protected(image, "data", fs / "data", "--repo", str(repo_dir), "--journal-min-free", "0")
+        try:
+            work = Workload(d.state / "nbd.sock", image.read_bytes(), seed=5)
+            work.run(10)
+            opts = backup_set.SetBackupOptions(["data"], ["data"], "full", set_options=SetOptions())
+            backup_set.run(repo, opts, [])
+            for _ in range(40):  # until the journal's filesystem is full: no write fails meanwhile
+                work.run(10)
+                if d.client.call("journal")["gap"]:
+                    break
+            gap = d.client.call("journal")["gap"]
+            assert gap and "No space left" in gap["reason"]
+            assert "JOURNAL GAP since" in d.cli("status", "data").stdout
+            work.run(10)
+            filler.unlink()
+            deadline = time.monotonic() + 90
+            while d.client.call("journal")["gap"]:  # the daemon retries with backoff
+                assert time.monotonic() < deadline
+                time.sleep(0.2)
+            assert d.client.call("journal")["gaps_recorded"] == 1
+            work.run(10)
+            (second,) = backup_set.run(repo, opts, [])
+            work.run(10)
+            wait_shipped(d)
+        finally:
+            d.stop()
+    assert image.read_bytes() == work.model
+    since, second_ns = gap["since_ns"], second.point.state_time_ns
+    before = [s for s in work.states if s[0] < since]
+    inside = [s for s in work.states if since <= s[0] < second_ns]
+    after = [s for s in work.states if s[0] >= second_ns]
+    assert len(before) >= 10 and len(inside) >= 20 and len(after) == 10
+    out = tmp_path / "r.img"
+    for when, expected in (before[-1], before[len(before) // 2], after[0], after[-1]):
+        proc = umbra(repo_dir, "restore", f"data@{iso_ns(when)}", str(out), "--force")
+        assert proc.returncode == 0, proc.stderr
+        assert out.read_bytes() == expected
+    for when, _ in (inside[0], inside[-1]):
+        proc = umbra(repo_dir, "restore", f"data@{iso_ns(when)}", str(out), "--force")
+        assert proc.returncode == 26, proc.stderr
+        assert "its journal lacks the writes from" in proc.stderr and "Traceback" not in proc.stderr
+    timeline = umbra(repo_dir, "timeline", "data")
+    assert timeline.returncode == 0 and "writes missing until" in timeline.stdout

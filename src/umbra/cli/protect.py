@@ -42,6 +42,13 @@ def protect(
         str | None, typer.Option(help="Difference store limit; past it a snapshot fails, never a write.")
     ] = None,
     journal_max: Annotated[str | None, typer.Option(help="Drop the oldest journal segments past this size.")] = None,
+    journal_min_free: Annotated[
+        str,
+        typer.Option(
+            help="Keep this much free on the journal's filesystem: the oldest segments (shipped ones with --repo) "
+            "are dropped first; if that is not enough the journal pauses (a recorded gap), never the writes."
+        ),
+    ] = "256M",
     no_journal: Annotated[bool, typer.Option("--no-journal", help="Do not keep a CDP journal.")] = False,
     journal_direct: Annotated[
         bool,
@@ -78,6 +85,7 @@ def protect(
         store_limit=parse_size(store_limit) if store_limit else None,
         journal=not no_journal,
         journal_max=parse_size(journal_max) if journal_max else None,
+        journal_min_free=parse_size(journal_min_free),
         journal_direct=journal_direct,
         repo=Repository.open(open_backend(repo), passphrase) if repo else None,
         ship_interval=ship_interval,
@@ -154,6 +162,14 @@ def _print_journal(j: dict[str, Any]) -> None:
         f"  journal: {j['records']} records in {j['segments']} segments, {human_bytes(j['bytes'])}; "
         f"{j['first'] or '-'} .. {j['last'] or '-'}; write rate {rate}"
     )
+    gap = j.get("gap")
+    if gap:
+        stdout.print(
+            f"  JOURNAL GAP since {gap['since']}: {gap['reason']}; writes go on unjournaled, retrying "
+            "(VOLUME@TIME cannot name instants from then until a point taken after it writes again)"
+        )
+    elif j.get("gaps_recorded"):
+        stdout.print(f"  journal gaps recorded since start: {j['gaps_recorded']} (see the log)")
     if j.get("over_limit"):
         stdout.print(
             "  WARNING: the journal is over --journal-max: records not shipped yet are kept until the repository "

@@ -61,12 +61,16 @@ def timeline(
         return
     table = Table("time (use as VOLUME@TIME)", "kind", "name", "consistency")
     for e in events:
-        table.add_row(_local(e.time_ns), e.kind, e.name[:8] if e.kind == "point" else e.name, e.consistency)
+        name = e.name[:8] if e.kind == "point" else e.name
+        if e.kind == "gap":
+            name = f"writes missing until {_local(int(e.detail['until_ns']))}: {e.name}"
+        table.add_row(_local(e.time_ns), e.kind, name, e.consistency)
     stdout.print(table)
     if span["records"]:
+        gaps = " except from a gap to the next point after it" if any(e.kind == "gap" for e in events) else ""
         stdout.print(
             f"journal: {span['records']} records shipped, {_local(span['first_ns'])} .. {_local(span['last_ns'])}: "
-            f"any instant in between can be restored",
+            f"any instant in between can be restored{gaps}",
             markup=False,
         )
     else:
@@ -105,15 +109,15 @@ def compact(
                 "dry_run": dry_run,
                 "planned": [{"time_ns": t, "why": why, "consistency": c} for t, why, c in result.planned],
                 "points": [p.id for p in result.points],
+                "skipped": result.skipped,
                 "batches_deleted": result.batches_deleted,
                 "records_dropped": result.records_dropped,
             }
         )
         return
     for t, why, consistency in result.planned:
-        stdout.print(
-            f"{'would make' if dry_run else 'made'} a point at {_local(t)} ({why}, {consistency})", markup=False
-        )
+        done = "skipped (inside a journal gap)" if t in result.skipped else "made"
+        stdout.print(f"{'would make' if dry_run else done} a point at {_local(t)} ({why}, {consistency})", markup=False)
     if not dry_run:
         stdout.print(
             f"{len(result.points)} points made; {result.batches_deleted} journal batches "

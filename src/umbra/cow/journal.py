@@ -15,6 +15,14 @@ waiter to find the queue unwritten writes all of it in one O_DIRECT write, bypas
 cache: writes in flight together share one device write, and none waits for another's under the
 cow engine's lock.
 
+A journal that cannot be written (ENOSPC, EIO, a filesystem below ``min_free``) never fails the
+volume's writes: it enters a *gap* (:class:`JournalGap`).  Whatever records are whole in the file
+stay, the rest of the open segment is cut, and writes go on unjournaled while the journal retries
+with backoff.  When it can write again it starts a new segment whose first record is a ``gap``
+mark naming the instant from which writes are missing; ``VOLUME@TIME`` refuses instants that
+would need them (:mod:`umbra.repo.cdp`).  The gap is also kept in the small preallocated file
+``gap``, so a daemon stopped during one records it when it starts again.
+
 Recovery on open: every segment but the last must be intact.  In the last, the records are read
 up to the first one that does not check; if nothing valid follows, that is a torn tail (a write
 cut short by a crash) and it is cut off; if a valid record follows, the damage is in the middle
@@ -23,7 +31,9 @@ and :class:`JournalCorrupt` is raised: history is never silently dropped.
 
 from __future__ import annotations
 
+import errno
 import json
+import logging
 import mmap
 import os
 import re
@@ -39,6 +49,8 @@ from typing import Any
 import blake3
 
 from umbra.errors import JournalCorrupt
+from umbra.repo.pointref import format_ns
+from umbra.volume.blockio import punch_hole
 
 SEGMENT_MAGIC = b"UMBRAJNL"
 SEGMENT_VERSION = 1
@@ -49,6 +61,10 @@ DIGEST = 16
 ALIGN = 4096  # O_DIRECT granularity of the journal's appends
 DIRECT_MIN = 256 << 10  # direct appends: smaller batches go through the page cache
 SEGMENT_NAME = re.compile(r"^seg-(\d{16})\.ucj$")
+GAP_FILE_BYTES = 4096  # the gap file's fixed size: rewritten in place, so a full disk can still take it
+RETRY_FIRST, RETRY_MAX = 1.0, 60.0  # seconds between attempts to end a gap
+
+log = logging.getLogger(__name__)
 
 WRITE, ZERO, MARK = 1, 2, 3
 KINDS = {WRITE: "write", ZERO: "zero", MARK: "mark"}
@@ -66,6 +82,18 @@ class Record:
     @property
     def mark(self) -> dict[str, Any]:
         return dict(json.loads(self.data)) if self.kind == MARK else {}
+
+
+@dataclass
+class JournalGap:
+    """Writes from ``since_ns`` on are missing from the journal (it could not be written)."""
+
+    since_ns: int
+    reason: str
+    noticed_ns: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"since_ns": self.since_ns, "reason": self.reason, "noticed_ns": self.noticed_ns}
 
 
 @dataclass
@@ -87,6 +115,7 @@ class _Segment:
     records: int = 0
     write_bytes: int = 0
     first_ns: int | None = None
+    last_ns: int | None = None
 
 
 class Journal:
@@ -99,6 +128,8 @@ class Journal:
         segment_bytes: int = 64 << 20,
         max_bytes: int | None = None,
         direct: bool = False,
+        min_free: int = 0,
+        resume_free: int = 4 << 20,
     ) -> None:
         self.directory = directory
         self.volume_size = volume_size
@@ -106,6 +137,8 @@ class Journal:
         self.commit_interval = commit_interval
         self.segment_bytes = segment_bytes
         self.max_bytes = max_bytes
+        self.min_free = min_free  # bytes to leave free on the journal's filesystem
+        self.resume_free = resume_free  # and free on top of that to end a gap (no flapping)
         self._lock = threading.Lock()  # appends
         self._sync_lock = threading.Lock()  # fdatasync calls
         self._segments: list[_Segment] = []
@@ -134,7 +167,13 @@ class Journal:
         self._queued: list[bytes | memoryview] = []  # direct: record parts the writer thread has not written
         self._on_file = 0  # bytes appended (counted like _written) that are in the segment file
         self._writing = False  # direct: a waiter is writing the queue
-        self._write_error: OSError | None = None
+        self._file_end = 0  # where the records known to be written end in the open segment
+        self.gap: JournalGap | None = None
+        self._retry_at = 0.0  # monotonic time of the next attempt to end the gap
+        self._retry_delay = RETRY_FIRST
+        self.gaps_recorded = 0  # gap marks written by this process
+        self._broken = False  # a direct write failed: nothing more goes into the open segment
+        self._cut: tuple[Path, int] | None = None  # a tail the failed segment still needs cleared
 
     # --- opening and recovery ----------------------------------------------------------------
 
@@ -144,7 +183,15 @@ class Journal:
         journal = cls(directory, volume_size, **options)  # type: ignore[arg-type]
         journal._recover()
         journal._load_id()
-        journal._start_segment()
+        with journal._lock:
+            journal._load_gap()
+            if journal.gap is None:
+                try:
+                    journal._start_segment()
+                except OSError as exc:
+                    journal._enter_gap(exc)
+            else:
+                journal._resume()
         if not journal.sync:
             journal._committer = threading.Thread(target=journal._commit_loop, name="umbra-journal", daemon=True)
             journal._committer.start()
@@ -205,7 +252,7 @@ class Journal:
                 expected += 1
                 pos = rec_end
             if pos < size:
-                if not last:
+                if not last and not _all_zero(m, pos):
                     raise JournalCorrupt(path=str(path), offset=pos, reason="damaged record in a sealed segment")
                 following = _find_valid_after(m, pos + 1, key)
                 if following is not None:
@@ -234,6 +281,7 @@ class Journal:
         seg.records += 1
         if seg.first_ns is None:
             seg.first_ns = rec.time_ns
+        seg.last_ns = rec.time_ns
         if rec.kind == WRITE:
             seg.write_bytes += rec.length
         self._stats.last_ns = rec.time_ns
@@ -246,52 +294,94 @@ class Journal:
         if self.direct:
             os.ftruncate(self._fd, self._pos)
         os.fdatasync(self._fd)
-        os.close(self._fd)
-        self._fd = None
-        if self._buffered_fd is not None:
-            os.close(self._buffered_fd)
-            self._buffered_fd = None
+        self._close_fds()
+
+    def _close_fds(self) -> None:
+        for fd in (self._fd, self._buffered_fd):
+            if fd is not None:
+                try:
+                    os.close(fd)
+                except OSError as exc:  # a failed device: the descriptor is gone all the same
+                    log.debug("journal: close failed: %s", exc)
+        self._fd = self._buffered_fd = None
+        self._tail, self._tail_off = b"", 0
 
     def _start_segment(self) -> None:
+        """Seal the open segment (if any) and start the next.  On failure nothing half-made is left
+        behind: the new file is removed."""
         if self._fd is not None:
             self._seal_fd()
+        self._make_room()
         salt = secrets.token_bytes(16)
         path = self.directory / f"seg-{self._next_seq:016d}.ucj"
         header = SEGMENT_HEADER.pack(
             SEGMENT_MAGIC, SEGMENT_VERSION, 0, salt, self.volume_size, self._next_seq, time.time_ns()
         )
         head = header + blake3.blake3(header).digest()
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND | os.O_CLOEXEC, 0o600)
-        os.write(fd, head)
-        os.fdatasync(fd)
-        dfd = os.open(self.directory, os.O_RDONLY | os.O_DIRECTORY)
+        fds = [os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND | os.O_CLOEXEC, 0o600)]
         try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
-        if self.direct:
-            try:
-                direct_fd = os.open(path, os.O_WRONLY | os.O_DIRECT | os.O_CLOEXEC)
-            except OSError:
-                self.direct = False  # a filesystem without O_DIRECT (tmpfs): buffered appends
-            else:
+            if os.write(fds[0], head) != len(head):
+                raise OSError(errno.ENOSPC, "short write of a journal segment header")
+            os.fdatasync(fds[0])
+            _fsync_directory(self.directory)
+            if self.direct:
+                try:
+                    fds.append(os.open(path, os.O_WRONLY | os.O_DIRECT | os.O_CLOEXEC))
+                except OSError:
+                    self.direct = False  # a filesystem without O_DIRECT (tmpfs): buffered appends
+                else:
+                    fds.append(os.open(path, os.O_WRONLY | os.O_CLOEXEC))  # small batches (no O_APPEND)
+        except BaseException:
+            for fd in fds:
                 os.close(fd)
-                fd, self._tail, self._tail_off = direct_fd, head, 0
-                self._buffered_fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)  # small batches (no O_APPEND)
-        self._fd, self._key, self._pos = fd, _key(salt), SEGMENT_HEADER.size + 32
+            path.unlink(missing_ok=True)
+            raise
+        if len(fds) == 3:
+            os.close(fds[0])
+            self._fd, self._buffered_fd = fds[1], fds[2]
+            self._tail, self._tail_off = head, 0
+        else:
+            self._fd = fds[0]
+        self._key, self._pos = _key(salt), SEGMENT_HEADER.size + 32
+        self._file_end = self._pos
         self._segments.append(_Segment(path, self._next_seq, salt))
         self._stats.bytes += self._pos
         self._enforce_limit()
 
+    def _drop_oldest(self) -> bool:
+        """Drop the oldest segment unless it is the only one or holds records not shipped yet."""
+        if len(self._segments) < 2:
+            return False
+        if self.keep_after is not None and self._segments[1].first_seq - 1 > self.keep_after:
+            return False
+        oldest = self._segments.pop(0)
+        self._stats.bytes -= oldest.path.stat().st_size
+        oldest.path.unlink()
+        return True
+
     def _enforce_limit(self) -> None:
         if self.max_bytes is None:
             return
-        while len(self._segments) > 1 and self._stats.bytes > self.max_bytes:
-            if self.keep_after is not None and self._segments[1].first_seq - 1 > self.keep_after:
-                return  # the oldest segment holds records not shipped yet
-            oldest = self._segments.pop(0)
-            self._stats.bytes -= oldest.path.stat().st_size
-            oldest.path.unlink()
+        while self._stats.bytes > self.max_bytes and self._drop_oldest():
+            continue
+
+    def _make_room(self) -> None:
+        """Before a new segment: drop the oldest segments (never unshipped ones) while the
+        filesystem has less than ``min_free`` bytes free.
+
+        Raises:
+            OSError: ENOSPC, when that is not enough (the journal then enters a gap).
+        """
+        if not self.min_free:
+            return
+        while True:
+            free = _free_bytes(self.directory)
+            if free >= self.min_free:
+                return
+            oldest = self._segments[0] if self._segments else None
+            if oldest is None or not self._drop_oldest():
+                raise OSError(errno.ENOSPC, f"only {free} bytes free on the journal's filesystem (--journal-min-free)")
+            log.warning("journal: dropped segment %s to keep %d bytes free", oldest.path.name, self.min_free)
 
     # --- appending ---------------------------------------------------------------------------
 
@@ -311,55 +401,70 @@ class Journal:
         return now
 
     def _append(self, kind: int, offset: int, length: int, data: bytes | memoryview) -> tuple[int, int]:
+        """(time, ticket).  During a gap nothing is recorded and the ticket (0) is already written."""
         with self._lock:
-            assert self._fd is not None, "journal is closed"
-            now = max(time.time_ns(), self._last_ns + 1)
-            header = RECORD_HEADER.pack(RECORD_MAGIC, kind, 0, 0, self._next_seq, now, offset, length, len(data))
-            h = blake3.blake3(header, key=self._key)
-            h.update(data)
-            digest = h.digest(DIGEST)
-            total = len(header) + len(data) + DIGEST
-            in_file = True
-            if self.direct:
-                self._queued += (header, data, digest)
-                # a small record with nothing queued before it and no write under way is written
-                # at once through the page cache (cheaper than any wait); others wait for a batch
-                in_file = total < DIRECT_MIN and len(self._queued) == 3 and self._io_lock.acquire(blocking=False)
-                if in_file:
-                    try:
-                        self._write_queued()
-                    finally:
-                        self._io_lock.release()
-            else:
-                n = os.writev(self._fd, [header, data, digest])
-                if n != total:
-                    raise OSError(f"short journal write ({n} of {total} bytes)")
-            self._account(self._segments[-1], Record(self._next_seq, now, kind, offset, length, b""))
-            self._pos += total
-            self._written += total
-            self._stats.bytes += total
-            if in_file:  # and everything before it
-                self._on_file = self._written
-            if self._pos >= self.segment_bytes:
-                with self._io_lock:  # the old segment gets everything queued for it first
-                    self._write_queued()
-                    self._on_file = self._written
-                    self._cond.notify_all()
-                    self._start_segment()
-                self._durable = self._written
-            ticket = self._written
+            if self.gap is not None and not self._resume():
+                return self._tick(), 0
+            try:
+                now, ticket = self._append_locked(kind, offset, length, data)
+            except OSError as exc:
+                self._enter_gap(exc)
+                return self._tick(), 0
         if self.sync:
             self.commit()
         return now, ticket
+
+    def _tick(self) -> int:
+        """The next timestamp: wall-clock nanoseconds, forced to grow."""
+        self._last_ns = max(time.time_ns(), self._last_ns + 1)
+        return self._last_ns
+
+    def _append_locked(self, kind: int, offset: int, length: int, data: bytes | memoryview) -> tuple[int, int]:
+        assert self._fd is not None, "journal is closed"
+        now = self._tick()
+        header = RECORD_HEADER.pack(RECORD_MAGIC, kind, 0, 0, self._next_seq, now, offset, length, len(data))
+        h = blake3.blake3(header, key=self._key)
+        h.update(data)
+        digest = h.digest(DIGEST)
+        total = len(header) + len(data) + DIGEST
+        in_file = True
+        if self.direct:
+            self._queued += (header, data, digest)
+            # a small record with nothing queued before it and no write under way is written
+            # at once through the page cache (cheaper than any wait); others wait for a batch
+            in_file = total < DIRECT_MIN and len(self._queued) == 3 and self._io_lock.acquire(blocking=False)
+            if in_file:
+                try:
+                    self._write_queued()
+                finally:
+                    self._io_lock.release()
+        else:
+            n = os.writev(self._fd, [header, data, digest])
+            if n != total:
+                raise _short_write(n, total)
+            self._file_end = self._pos + total
+        self._account(self._segments[-1], Record(self._next_seq, now, kind, offset, length, b""))
+        self._pos += total
+        self._written += total
+        self._stats.bytes += total
+        if in_file:  # and everything before it
+            self._on_file = self._written
+        if self._pos >= self.segment_bytes:
+            with self._io_lock:  # the old segment gets everything queued for it first
+                self._write_queued()
+                self._on_file = self._written
+                self._cond.notify_all()
+                self._start_segment()
+            self._durable = self._written
+        return now, self._written
 
     def wait_written(self, ticket: int) -> None:
         """Return once the records appended up to ``ticket`` are in the segment file (at once for
         buffered appends).  Direct appends are written by whichever waiter finds them queued and no
         write under way: it writes everything queued so far in one go, for all the waiters (a
         dedicated writer thread would wait for the GIL behind the request threads, milliseconds).
-
-        Raises:
-            OSError: a direct write failed (the journal cannot go on).
+        If that write fails the journal enters a gap and every waiter returns: the volume's writes
+        go on, unjournaled.
         """
         while True:
             with self._cond:
@@ -367,8 +472,6 @@ class Journal:
                     self._cond.wait()
                 if self._on_file >= ticket:
                     return
-                if self._write_error is not None:
-                    raise OSError(self._write_error.errno, f"journal write failed: {self._write_error}")
                 # our record is queued and nobody is writing: write the queue
                 self._writing = True
                 self._io_lock.acquire()  # a segment switch (lock held, then this) waits for the write
@@ -377,8 +480,12 @@ class Journal:
             error: OSError | None = None
             try:
                 self._write_direct(parts)
-            except OSError as exc:
-                error = exc
+            except BaseException as exc:  # whatever it was, the volume's writes go on
+                self._broken = True  # set before the io lock goes: nothing may follow a failed batch
+                if not isinstance(exc, OSError):
+                    log.exception("journal: a batch write failed")
+                    exc = OSError(errno.EIO, f"{type(exc).__name__}: {exc}")
+                error = exc.with_traceback(None)  # frames of the write hold its buffers
             finally:
                 self._io_lock.release()
             with self._cond:
@@ -386,7 +493,7 @@ class Journal:
                 if error is None:
                     self._on_file = max(self._on_file, end)
                 else:
-                    self._write_error = error
+                    self._enter_gap(error)
                 self._cond.notify_all()
 
     def _write_queued(self) -> None:
@@ -402,16 +509,19 @@ class Journal:
         bypasses the page cache.  A smaller one is written through the page cache, where it costs
         less than a device round trip; the kernel writes such cached pages back before a later
         O_DIRECT write over them, and the partial last block is kept in memory either way."""
+        if self._broken:
+            raise OSError(errno.EIO, "an earlier journal write failed")
         assert self._fd is not None and self._buffered_fd is not None
         size = sum(len(p) for p in parts)
         if size < DIRECT_MIN:
             end = self._tail_off + len(self._tail)
             written = os.pwritev(self._buffered_fd, parts, end)
             if written != size:
-                raise OSError(f"short journal write ({written} of {size} bytes)")
+                raise _short_write(written, size)
             tail = self._tail + b"".join(parts)
             whole = len(tail) // ALIGN * ALIGN
             self._tail, self._tail_off = tail[whole:], self._tail_off + whole
+            self._file_end = end + size
             return
         need = len(self._tail) + size
         padded = -(-need // ALIGN) * ALIGN
@@ -427,13 +537,15 @@ class Journal:
         buf[need:padded] = bytes(padded - need)
         written = os.pwrite(self._fd, memoryview(buf)[:padded], self._tail_off)
         if written != padded:
-            raise OSError(f"short journal write ({written} of {padded} bytes)")
+            raise _short_write(written, padded)
         whole = need // ALIGN * ALIGN
+        self._file_end = self._tail_off + need
         self._tail = bytes(buf[whole:need])
         self._tail_off += whole
 
     def commit(self) -> None:
-        """Make every record appended so far durable (one fdatasync for any number of records)."""
+        """Make every record appended so far durable (one fdatasync for any number of records).
+        A failure puts the journal in a gap (the volume's flush goes on)."""
         with self._sync_lock:
             with self._lock:
                 target = self._written
@@ -444,8 +556,16 @@ class Journal:
                 if self._fd is None:
                     return
                 fd = os.dup(self._fd)  # stays valid if a segment switch closes the original
+                segment = self._segments[-1].path
             try:
                 os.fdatasync(fd)
+            except OSError as exc:
+                with self._cond:
+                    while self._writing:
+                        self._cond.wait()
+                    if self._fd is not None and self._segments[-1].path == segment:
+                        self._enter_gap(exc)
+                return
             finally:
                 os.close(fd)
             self._durable = max(self._durable, target)
@@ -456,6 +576,150 @@ class Journal:
                 self.commit()
             except OSError:
                 continue  # the journal is being closed; close() commits itself
+            if self.gap is not None:
+                with self._lock:
+                    if self.gap is not None and self._fd is None and not self._stop.is_set():
+                        self._resume()
+
+    # --- gaps ----------------------------------------------------------------------------------
+
+    def _enter_gap(self, error: OSError) -> None:
+        """Stop journaling after a failed write.  Called with the lock held and no direct write
+        under way (by the writer whose write failed, or holding the io lock).  The records that
+        are whole in the file stay (their writes go on, so they are true); the rest of the open
+        segment is cut, every waiter is released, and :meth:`_resume` is tried later."""
+        self._queued = []
+        self._on_file = self._durable = self._written
+        self._cond.notify_all()
+        kept = next((s.last_ns for s in reversed(self._segments) if s.last_ns is not None), None)
+        if self._fd is not None or self.gap is None:  # a segment was being written: clean it up
+            self._close_fds()
+            self._recount_open_segment()
+            kept = next((s.last_ns for s in reversed(self._segments) if s.last_ns is not None), None)
+            self._stats.last_ns = kept
+        reason = f"journal write failed: {error.strerror or error}"
+        if self.gap is None:
+            self.gap = JournalGap((kept or 0) + 1, reason, time.time_ns())
+            self._retry_delay = RETRY_FIRST
+            log.error("journal: %s; writes go on unjournaled (a gap), retrying", reason)
+        else:  # a retry failed: the first failure stays the gap's reason
+            log.debug("journal: still in a gap: %s", reason)
+            self._retry_delay = min(RETRY_MAX, self._retry_delay * 2)
+        self._retry_at = time.monotonic() + self._retry_delay
+        self._broken = False
+        self._save_gap()
+
+    def _recount_open_segment(self) -> None:
+        """Account the last segment's records from its file again (its valid prefix) and cut what
+        follows; a segment left with no records is removed (the next one takes its name)."""
+        if not self._segments:
+            return
+        old = self._segments.pop()
+        seg = _Segment(old.path, old.first_seq, old.salt)
+        self._next_seq, saved_ns, end = old.first_seq, self._last_ns, SEGMENT_HEADER.size + 32
+        try:
+            for rec, rec_end in _segment_records(seg, with_data=False):
+                if rec.seq != self._next_seq:
+                    break
+                self._account(seg, rec)
+                end = rec_end
+            if seg.records == 0:
+                old.path.unlink()
+            else:
+                _zero_tail(old.path, end)
+        except OSError as exc:
+            log.error("journal: could not clear the tail of %s after a failed write: %s", old.path.name, exc)
+            self._cut = (old.path, end)
+        self._last_ns = max(saved_ns, self._last_ns)
+        if seg.records:
+            self._segments.append(seg)
+        self._stats.bytes = sum(s.path.stat().st_size for s in self._segments[:-1]) + (end if seg.records else 0)
+
+    def _resume(self) -> bool:
+        """Try to end the gap (the lock held): a new segment whose first record is the gap's mark,
+        durable before any later write is recorded.  Returns whether the journal is writing again."""
+        gap = self.gap
+        assert gap is not None
+        if time.monotonic() < self._retry_at or self._writing:
+            return False
+        try:
+            if self._cut is not None:
+                _zero_tail(*self._cut)
+                self._cut = None
+            if self._fd is not None:  # the gap came from outside (mark_gap): seal the open segment
+                self._seal_fd()
+            need, free = self.min_free + self.resume_free, _free_bytes(self.directory)
+            if free < need:
+                raise OSError(errno.ENOSPC, f"waiting for {need} bytes free on the journal's filesystem ({free} now)")
+            self._start_segment()
+            mark = {"kind": "gap", "name": "journal", "since_ns": gap.since_ns, "reason": gap.reason}
+            self._append_locked(MARK, 0, 0, json.dumps(mark).encode())
+            with self._io_lock:
+                self._write_queued()
+            self._on_file = self._written
+            assert self._fd is not None
+            os.fdatasync(self._fd)
+            self._durable = self._written
+        except OSError as exc:
+            self._enter_gap(exc)
+            return False
+        self.gap = None
+        self.gaps_recorded += 1
+        self._save_gap()
+        log.warning(
+            "journal: writing again; writes from %s to %s are missing from it (recorded as a gap)",
+            format_ns(gap.since_ns),
+            format_ns(self._last_ns),
+        )
+        return True
+
+    def mark_gap(self, reason: str) -> None:
+        """Record that writes after the newest record may be missing although the journal did not
+        fail (the source was changed while nobody protected it)."""
+        with self._lock:
+            if self.gap is not None or not any(s.records for s in self._segments):
+                return
+            kept = next(s.last_ns for s in reversed(self._segments) if s.last_ns is not None)
+            self.gap = JournalGap(kept + 1, reason, time.time_ns())
+            self._retry_at = 0.0
+            self._resume()
+
+    def _load_gap(self) -> None:
+        """Read the gap file (a gap this journal could not record before it was stopped), or
+        create it: it is rewritten in place later, so recording a gap needs no free space."""
+        path = self.directory / "gap"
+        try:
+            body = path.read_bytes().rstrip(b"\0")
+        except FileNotFoundError:
+            body = b""
+            try:
+                with open(path, "wb") as f:
+                    f.write(bytes(GAP_FILE_BYTES))
+                    f.flush()
+                    os.fsync(f.fileno())
+            except OSError as exc:
+                log.error("journal: could not create %s: %s", path, exc)
+        if not body:
+            return
+        if any(s.records for s in self._segments):
+            doc = json.loads(body)
+            self.gap = JournalGap(int(doc["since_ns"]), str(doc["reason"]), int(doc["noticed_ns"]))
+            self._retry_at = 0.0
+        else:
+            self._save_gap()  # a journal starting afresh (a new id) has nothing to mark
+
+    def _save_gap(self) -> None:
+        """Keep the gap (or that there is none) in the gap file; best effort."""
+        body = json.dumps(self.gap.to_dict()).encode() if self.gap else b""
+        try:
+            fd = os.open(self.directory / "gap", os.O_WRONLY | os.O_CLOEXEC)
+            try:
+                os.pwrite(fd, body.ljust(GAP_FILE_BYTES, b"\0"), 0)
+                os.fdatasync(fd)
+            finally:
+                os.close(fd)
+        except OSError as exc:
+            log.error("journal: could not record the gap in its file: %s", exc)
 
     # --- reading -----------------------------------------------------------------------------
 
@@ -524,6 +788,36 @@ class Journal:
                 self._staging = None
 
 
+def _zero_tail(path: Path, end: int) -> None:
+    """Make what follows ``end`` read as zeros (a hole), keeping the file's size: a reader that
+    mapped the file meanwhile must not touch pages past its end (SIGBUS).  Recovery cuts a tail
+    of zeros off any segment (the sequence check of the next one finds a lost record)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
+    try:
+        punch_hole(fd, end, os.fstat(fd).st_size - end)
+        os.fdatasync(fd)
+    finally:
+        os.close(fd)
+
+
+def _short_write(written: int, size: int) -> OSError:
+    """A write that stopped early: the filesystem ran out of room."""
+    return OSError(errno.ENOSPC, f"{os.strerror(errno.ENOSPC)} (a short journal write: {written} of {size} bytes)")
+
+
+def _free_bytes(directory: Path) -> int:
+    st = os.statvfs(directory)
+    return st.f_bavail * st.f_frsize
+
+
+def _fsync_directory(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def _segment_records(seg: _Segment, with_data: bool, start: int | None = None) -> Iterator[tuple[Record, int]]:
     """(record, offset where it ends) from ``start`` (default: the first record)."""
     with open(seg.path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
@@ -559,6 +853,11 @@ def _parse(m: mmap.mmap, pos: int, with_data: bool = True) -> Record:
     _magic, kind, _f, _r, seq, t, off, length, dlen = RECORD_HEADER.unpack_from(m, pos)
     start = pos + RECORD_HEADER.size
     return Record(seq, t, kind, off, length, m[start : start + dlen] if with_data else b"")
+
+
+def _all_zero(m: mmap.mmap, pos: int) -> bool:
+    step = 1 << 20
+    return all((chunk := m[at : at + step]).count(0) == len(chunk) for at in range(pos, len(m), step))
 
 
 def _find_valid_after(m: mmap.mmap, pos: int, key: bytes) -> int | None:

@@ -18,7 +18,7 @@ from datetime import UTC, datetime
 
 from umbra import __version__
 from umbra.engine.backup import _store_node
-from umbra.errors import UsageError
+from umbra.errors import InstantInGap, UsageError
 from umbra.repo import cdp
 from umbra.repo.format import ZERO_ID, BlobType
 from umbra.repo.manifest import Point, new_point_id
@@ -38,6 +38,7 @@ class CompactResult:
     records_dropped: int = 0
     dry_run: bool = False
     planned: list[tuple[int, str, str]] = field(default_factory=list)  # (time, why, consistency)
+    skipped: list[int] = field(default_factory=list)  # planned instants inside a journal gap
 
 
 def materialize(repo: Repository, volume: str, when_ns: int, consistency: str, tags: list[str]) -> Point:
@@ -144,7 +145,10 @@ def compact(
         return result
     for when, why, consistency in result.planned:
         tags = ["cdp-compact"] + ([why.removeprefix("bookmark ")] if why.startswith("bookmark ") else [])
-        result.points.append(materialize(repo, volume, when, consistency, tags))
+        try:
+            result.points.append(materialize(repo, volume, when, consistency, tags))
+        except InstantInGap:
+            result.skipped.append(when)  # the journal lacks writes before it: no state to keep
     anchors = [p for p in [*points, *result.points] if p.state_time_ns <= cutoff_ns]
     if not anchors:
         return result

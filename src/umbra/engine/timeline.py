@@ -53,8 +53,8 @@ def bookmark(volume: str, name: str, writers: list[Writer], options: SetOptions 
 @dataclass
 class Event:
     time_ns: int
-    kind: str  # point or bookmark
-    name: str  # point id, or the bookmark's name
+    kind: str  # point, bookmark or gap
+    name: str  # point id, the bookmark's name, or why the gap's writes are missing
     consistency: str
     detail: dict[str, Any]
 
@@ -63,7 +63,8 @@ class Event:
 
 
 def timeline(repo: Repository, volume: str) -> tuple[list[Event], dict[str, Any]]:
-    """Points and shipped bookmarks of ``volume``, oldest first; and the journal's shipped span."""
+    """Points, shipped bookmarks and journal gaps of ``volume``, oldest first; and the journal's
+    shipped span."""
     points, _ = repo.scan_points(volume)
     events = [
         Event(p.state_time_ns, "point", p.id, p.consistency or "crash-consistent", {"type": p.type, "tags": p.tags})
@@ -79,6 +80,17 @@ def timeline(repo: Repository, volume: str) -> tuple[list[Event], dict[str, Any]
             span["last_ns"] = last if span["last_ns"] is None else max(span["last_ns"], last)
             span["records"] += len(batch.records)
             for record in batch.records:
+                gap = cdp.gap_of(record)
+                if gap is not None:
+                    event = Event(
+                        int(gap["since_ns"]),
+                        "gap",
+                        str(gap.get("reason", "")),
+                        "-",
+                        {"journal": journal, "until_ns": record.time_ns, "seq": record.seq},
+                    )
+                    if event not in events:
+                        events.append(event)
                 mark = cdp.bookmark_of(record)
                 if mark is not None:
                     detail = {"journal": journal, "seq": mark.get("seq"), "set_id": mark.get("set_id")}

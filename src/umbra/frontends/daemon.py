@@ -23,12 +23,11 @@ import socket
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from umbra.cow.engine import CowVolume, SnapshotInfo
-from umbra.cow.journal import Journal
+from umbra.cow.journal import Journal, JournalGap
 from umbra.cow.ship import Shipper
 from umbra.cow.store import DifferenceStore
 from umbra.cow.tracking import ChangeTracker
@@ -37,6 +36,7 @@ from umbra.frontends.control import MAX_LINE, encode_error
 from umbra.frontends.exports import exports_of
 from umbra.frontends.nbd.server import NbdServer
 from umbra.frontends.serve import run_loop
+from umbra.repo.pointref import format_ns
 from umbra.repo.repository import Repository
 from umbra.volume.backing import Backing, open_backing
 from umbra.volume.extents import merge
@@ -60,6 +60,7 @@ class ProtectOptions:
     store_limit: int | None = None  # default: the volume's size
     journal: bool = True
     journal_max: int | None = None
+    journal_min_free: int = 0  # bytes the journal leaves free on its filesystem
     journal_direct: bool = True
     commit_interval: float = 0.05
     repo: Repository | None = None  # ship the journal into this repository
@@ -67,7 +68,7 @@ class ProtectOptions:
 
 
 def iso(ns: int) -> str:
-    return datetime.fromtimestamp(ns / 1e9, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    return format_ns(ns, 3)
 
 
 class ProtectDaemon:
@@ -99,6 +100,7 @@ class ProtectDaemon:
             nchunks = -(-self.backing.size // opts.chunk_size)
             fingerprint = _fingerprint(self.backing)
             crashed = (self.state / "running").exists()
+            source_changed = self._source_changed(fingerprint)
             self.tracker = ChangeTracker.load(self.state / "tracking.cbt", self.state / "running", nchunks, fingerprint)
             if self.tracker.invalidated:
                 log.warning("changed-block tracking reset: %s", self.tracker.invalidated)
@@ -111,7 +113,11 @@ class ProtectDaemon:
                     commit_interval=opts.commit_interval,
                     max_bytes=opts.journal_max,
                     direct=opts.journal_direct,
+                    min_free=opts.journal_min_free,
+                    resume_free=max(opts.journal_min_free, 4 << 20),  # a gap ends with twice the floor free
                 )
+                if source_changed:
+                    self.journal.mark_gap("the source was modified while it was not protected")
                 torn = self.journal.stats().recovered_tail_bytes
                 if torn:
                     log.warning("journal: cut a torn tail of %d bytes", torn)
@@ -203,6 +209,7 @@ class ProtectDaemon:
         fingerprint = _fingerprint(self.backing)
         if self.tracker is not None:
             self.tracker.save(self.state / "tracking.cbt", fingerprint)
+        _write_json(self.state / "source.json", {"fingerprint": fingerprint})
         snapshots = self.volume.export_snapshots()
         if snapshots:
             doc = {
@@ -218,6 +225,19 @@ class ProtectDaemon:
         (self.state / "volume.json").unlink(missing_ok=True)
         self._close_storage()
         self.volume = None
+
+    def _source_changed(self, fingerprint: str) -> bool:
+        """Whether the source changed since the last clean shutdown (unknown after a crash: no)."""
+        path = self.state / "source.json"
+        try:
+            doc = json.loads(path.read_text())
+        except (OSError, ValueError):
+            return False
+        path.unlink()  # from now on only a clean shutdown writes it again
+        changed = doc.get("fingerprint") != fingerprint
+        if changed:
+            log.warning("the source was modified while it was not protected: the journal records a gap")
+        return bool(changed)
 
     def _load_snapshots(self, crashed: bool, fingerprint: str, nchunks: int) -> dict[str, Any] | None:
         """Snapshots saved by the last clean shutdown, if they still describe this source."""
@@ -396,6 +416,8 @@ class ProtectDaemon:
             "write_bytes": st.write_bytes,
             "write_rate": round(st.write_bytes / span, 1) if span > 0 else None,
             "recovered_tail_bytes": st.recovered_tail_bytes,
+            "gap": _gap_doc(self.journal.gap),
+            "gaps_recorded": self.journal.gaps_recorded,
             "sync": self.opts.sync,
             "id": self.journal.id,
             "shipping": asdict(shipping) if shipping is not None else None,
@@ -408,6 +430,12 @@ class ProtectDaemon:
     def op_stop(self) -> None:
         if self._loop is not None and self._stop is not None:
             self._loop.call_soon_threadsafe(self._stop.set)
+
+
+def _gap_doc(gap: JournalGap | None) -> dict[str, Any] | None:
+    if gap is None:
+        return None
+    return {**gap.to_dict(), "since": format_ns(gap.since_ns), "noticed": iso(gap.noticed_ns)}
 
 
 def _fingerprint(backing: Backing) -> str:

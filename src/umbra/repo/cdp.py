@@ -20,10 +20,10 @@ from typing import Any
 
 import zstandard
 
-from umbra.errors import IntegrityError
+from umbra.errors import InstantInGap, IntegrityError
 from umbra.repo.format import AAD_CDP, ZERO_ID
 from umbra.repo.manifest import Point
-from umbra.repo.pointref import PointRef
+from umbra.repo.pointref import PointRef, format_ns
 from umbra.repo.repository import Repository
 
 CDP_DIR = "cdp"
@@ -141,6 +141,13 @@ def load_batch(repo: Repository, ref: BatchRef) -> Batch:
     return Batch(ref, str(doc["volume"]), int(doc["volume_size"]), records)
 
 
+def gap_of(record: CdpRecord) -> dict[str, Any] | None:
+    """The mark of a gap record (writes from ``since_ns`` up to the record's time are missing)."""
+    if record.kind == MARK and record.mark.get("kind") == "gap" and record.mark.get("since_ns"):
+        return record.mark
+    return None
+
+
 def bookmark_of(record: CdpRecord) -> dict[str, Any] | None:
     """The mark of a bookmark record (with the instant it names in ``time_ns``), else None."""
     if record.kind == MARK and record.mark.get("kind") == "bookmark" and record.mark.get("time_ns"):
@@ -169,44 +176,82 @@ class Instant:
     compacted: bool = False  # the writes after the point up to TIME were compacted away
 
 
+@dataclass
+class Gap:
+    """Writes of a journal from ``since_ns`` to ``until_ns`` (when it wrote again) are missing."""
+
+    since_ns: int
+    until_ns: int
+    reason: str
+
+
 def records_between(
     repo: Repository, journal: str, after_seq: int, until_ns: int
-) -> tuple[list[CdpRecord], int | None, bool]:
+) -> tuple[list[CdpRecord], int | None, bool, Gap | None]:
     """Records of ``journal`` with seq > ``after_seq`` and time <= ``until_ns``, checked to be
-    contiguous; the time of the newest shipped record; and whether the records right after
-    ``after_seq`` were compacted away (then the list is empty: the state is the point's)."""
+    contiguous; the time of the newest shipped record; whether the records right after
+    ``after_seq`` were compacted away (then the list is empty: the state is the point's); and the
+    first gap that starts after ``after_seq`` at or before ``until_ns`` (its mark may follow
+    ``until_ns``: an instant inside a gap has it as the next record)."""
     every = list_batches(repo, journal)
     earliest = min((r.first_seq for r in every), default=None)
     refs = [r for r in every if r.last_seq > after_seq]
     by_seq: dict[int, CdpRecord] = {}
     newest_ns: int | None = None
+    following: CdpRecord | None = None  # the first record after until_ns
     for ref in refs:
         batch = load_batch(repo, ref)
         newest_ns = max(newest_ns or 0, batch.records[-1].time_ns)
+        for record in batch.records:
+            if record.seq <= after_seq:
+                continue
+            if record.time_ns <= until_ns:
+                by_seq[record.seq] = record
+            elif following is None or record.seq < following.seq:
+                following = record
         if batch.records[0].time_ns > until_ns:
             break  # batches are in sequence order and time never goes back
-        for record in batch.records:
-            if record.seq > after_seq and record.time_ns <= until_ns:
-                by_seq[record.seq] = record
     records = [by_seq[s] for s in sorted(by_seq)]
+    gap = None
+    for record in [*records, *([following] if following is not None else [])]:
+        mark = gap_of(record)
+        if mark is not None and int(mark["since_ns"]) <= until_ns:
+            gap = Gap(int(mark["since_ns"]), record.time_ns, str(mark.get("reason", "")))
+            break
     if (not records or records[0].seq != after_seq + 1) and earliest is not None and earliest > after_seq + 1:
-        return [], newest_ns, True  # outside the retention window: only the points are kept
+        return [], newest_ns, True, None  # outside the retention window: only the points are kept
     expected = after_seq + 1
     for record in records:
         if record.seq != expected:
             raise IntegrityError(f"journal {journal[:8]} has a gap: record {expected} is missing")
         expected += 1
-    return records, newest_ns, False
+    return records, newest_ns, False, gap
 
 
 def instant(repo: Repository, ref: PointRef) -> Instant:
     """The state that ``ref`` names.  For ``VOLUME@TIME``: the point that
     :meth:`Repository.resolve` picks (the newest whose data is from at or before TIME), plus every
-    shipped journal record after that point's snapshot mark, up to and including TIME."""
+    shipped journal record after that point's snapshot mark, up to and including TIME.
+
+    Raises:
+        InstantInGap: the journal lacks writes between the point and TIME.
+    """
     point = repo.resolve(ref)
     if ref.time_ns is None or not point.cdp.get("journal"):
         return Instant(point, ref.time_ns or point.state_time_ns, [], None)
-    records, newest, compacted = records_between(repo, str(point.cdp["journal"]), int(point.cdp["seq"]), ref.time_ns)
+    records, newest, compacted, gap = records_between(
+        repo, str(point.cdp["journal"]), int(point.cdp["seq"]), ref.time_ns
+    )
+    if gap is not None and max(gap.since_ns, point.state_time_ns + 1) <= ref.time_ns:
+        raise InstantInGap(
+            volume=point.volume,
+            time=format_ns(ref.time_ns),
+            since=format_ns(gap.since_ns),
+            until=format_ns(gap.until_ns),
+            reason=gap.reason or "the journal could not be written",
+            hint=f"pick an instant before {format_ns(gap.since_ns)}, or one after a point taken after "
+            f"{format_ns(gap.until_ns)}",
+        )
     return Instant(point, ref.time_ns, records, newest, compacted)
 
 

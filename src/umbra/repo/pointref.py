@@ -34,6 +34,13 @@ def to_ns(when: datetime) -> int:
     return (when - _EPOCH) // timedelta(microseconds=1) * 1000
 
 
+def format_ns(ns: int, digits: int = 9) -> str:
+    """An instant in nanoseconds as ISO 8601 UTC (``…Z``) with ``digits`` fractional digits
+    (truncated, so an instant printed with all nine reads back exactly)."""
+    seconds = datetime.fromtimestamp(ns // 10**9, UTC).strftime("%Y-%m-%dT%H:%M:%S")
+    return f"{seconds}.{ns % 10**9:09d}"[: len(seconds) + 1 + digits] + "Z"
+
+
 def parse_time(text: str) -> tuple[datetime, int]:
     """The instant as a datetime (microseconds) and in nanoseconds (every digit given)."""
     extra_ns = 0
