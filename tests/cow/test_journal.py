@@ -431,3 +431,17 @@ def test_min_free_drops_old_segments_then_pauses(tmp_path: Path, monkeypatch: py
         seqs = [r.seq for r in journal.records(with_data=False)]
         assert seqs[0] <= journal.keep_after + 1, "no unshipped record was dropped"
         journal.close()
+
+
+def test_mark_gap_right_after_opening(tmp_path: Path) -> None:
+    """As the daemon does at start (the open segment has no record yet)."""
+    journal = Journal.open(tmp_path / "j", SIZE, resume_free=0)
+    journal.append_write(0, b"a")
+    journal.close()
+    journal = Journal.open(tmp_path / "j", SIZE, resume_free=0)
+    journal.mark_gap("the source was modified while it was not protected")
+    assert journal.gap is None and journal.gaps_recorded == 1
+    journal.append_write(1, b"b")
+    journal.close()
+    records = list(Journal.open(tmp_path / "j", SIZE).records())
+    assert [(r.seq, r.kind) for r in records] == [(1, WRITE), (2, MARK), (3, WRITE)]

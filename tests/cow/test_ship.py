@@ -325,3 +325,20 @@ def test_a_journal_gap_is_refused_until_the_next_point(
     _inst, view = open_state(repo, f"v@{iso_ns(times[-1])}")
     assert view.read(0, SIZE) == s.model
     s.journal.close()
+
+
+def test_only_durable_records_are_shipped(repo: Repository, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A record that a power cut could still take from the local journal is never in the repository
+    (its sequence number would be used again, for another write, after the restart)."""
+    journal = Journal.open(tmp_path / "j", SIZE, commit_interval=3600)
+    shipper = Shipper(journal, repo, "v")
+    journal.append_write(0, b"a" * 100)
+    journal.commit()
+    journal.append_write(100, b"b" * 100)  # in the file, not yet durable
+    monkeypatch.setattr(journal, "commit", lambda: None)  # as if every fdatasync were still to come
+    shipper.ship_once()
+    assert shipper.shipped_seq == 1
+    monkeypatch.undo()
+    shipper.ship_once()  # the shipper makes them durable itself before it reads
+    assert shipper.shipped_seq == 2
+    journal.close()

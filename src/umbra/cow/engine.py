@@ -49,6 +49,7 @@ class WriteLog(Protocol):
     def wait_written(self, ticket: int) -> None: ...
     def append_mark(self, kind: str, name: str, **fields: object) -> int: ...
     def commit(self) -> None: ...
+    def save_checkpoint(self, seq: int) -> None: ...
     @property
     def last_seq(self) -> int: ...
 
@@ -102,6 +103,9 @@ class CowVolume:
         self._snaps: dict[str, _Snap] = {}
         self._ranges: list[tuple[int, int]] = []  # byte ranges being written right now
         self._barrier = 0
+        # the journal's newest sequence number at a moment when no write was in flight: every
+        # record through it has reached the volume (a flush then makes it the redo checkpoint)
+        self._quiet_seq = journal.last_seq if journal is not None else 0
         self.writes = 0
         self.bytes_written = 0
 
@@ -139,9 +143,12 @@ class CowVolume:
 
     def flush(self) -> None:
         """Make every acknowledged write durable: journal first, then the volume."""
+        seq = self._quiet_seq
         if self.journal is not None:
             self.journal.commit()
         self.backing.flush()
+        if self.journal is not None:
+            self.journal.save_checkpoint(seq)
 
     def _begin_write(
         self, offset: int, length: int, data: bytes | memoryview | None
@@ -170,6 +177,8 @@ class CowVolume:
     def _end_write(self, span: tuple[int, int]) -> None:
         with self._cond:
             self._ranges.remove(span)
+            if not self._ranges and self.journal is not None:
+                self._quiet_seq = self.journal.last_seq
             self._cond.notify_all()  # the barrier and writes waiting for an overlapping range
 
     def _preserve(self, first: int, end: int) -> None:

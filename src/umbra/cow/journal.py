@@ -61,6 +61,7 @@ DIGEST = 16
 ALIGN = 4096  # O_DIRECT granularity of the journal's appends
 DIRECT_MIN = 256 << 10  # direct appends: smaller batches go through the page cache
 SEGMENT_NAME = re.compile(r"^seg-(\d{16})\.ucj$")
+CHECKPOINT_FILE_BYTES = 512  # rewritten in place, like the gap file
 GAP_FILE_BYTES = 4096  # the gap file's fixed size: rewritten in place, so a full disk can still take it
 RETRY_FIRST, RETRY_MAX = 1.0, 60.0  # seconds between attempts to end a gap
 
@@ -172,7 +173,10 @@ class Journal:
         self._retry_at = 0.0  # monotonic time of the next attempt to end the gap
         self._retry_delay = RETRY_FIRST
         self.gaps_recorded = 0  # gap marks written by this process
+        self.durable_seq = 0  # records through this one are on stable storage (shipped only then)
         self._broken = False  # a direct write failed: nothing more goes into the open segment
+        self._checkpoint_lock = threading.Lock()
+        self._checkpoint = 0  # the newest checkpoint saved by this process
         self._cut: tuple[Path, int] | None = None  # a tail the failed segment still needs cleared
 
     # --- opening and recovery ----------------------------------------------------------------
@@ -227,8 +231,15 @@ class Journal:
             if last and valid_end == SEGMENT_HEADER.size + 32:  # no records: the new segment replaces it
                 path.unlink()
                 continue
+            if last:  # after a kill -9 its records may be in the page cache only
+                fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+                try:
+                    os.fdatasync(fd)
+                finally:
+                    os.close(fd)
             self._segments.append(seg)
             self._stats.bytes += valid_end
+        self.durable_seq = self._next_seq - 1
 
     def _scan(self, path: Path, last: bool) -> tuple[_Segment | None, int, int]:
         size = path.stat().st_size
@@ -456,6 +467,7 @@ class Journal:
                 self._cond.notify_all()
                 self._start_segment()
             self._durable = self._written
+            self.durable_seq = self._next_seq - 1
         return now, self._written
 
     def wait_written(self, ticket: int) -> None:
@@ -548,7 +560,7 @@ class Journal:
         A failure puts the journal in a gap (the volume's flush goes on)."""
         with self._sync_lock:
             with self._lock:
-                target = self._written
+                target, seq = self._written, self._next_seq - 1
                 if target <= self._durable or self._fd is None:
                     return
             self.wait_written(target)
@@ -569,6 +581,7 @@ class Journal:
             finally:
                 os.close(fd)
             self._durable = max(self._durable, target)
+            self.durable_seq = max(self.durable_seq, seq)
 
     def _commit_loop(self) -> None:
         while not self._stop.wait(self.commit_interval):
@@ -580,6 +593,33 @@ class Journal:
                 with self._lock:
                     if self.gap is not None and self._fd is None and not self._stop.is_set():
                         self._resume()
+
+    # --- the volume's checkpoint (crash redo, umbra.cow.redo) ------------------------------------
+
+    def save_checkpoint(self, seq: int) -> None:
+        """Note that the volume durably holds every record through ``seq`` (called after a volume
+        flush).  Not synced: a checkpoint lost in a crash only makes the redo replay more."""
+        with self._checkpoint_lock:
+            if seq <= self._checkpoint:
+                return
+            self._checkpoint = seq
+            body = json.dumps({"journal": self.id, "seq": seq}).encode().ljust(CHECKPOINT_FILE_BYTES, b"\0")
+            try:
+                fd = os.open(self.directory / "checkpoint", os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
+                try:
+                    os.pwrite(fd, body, 0)
+                finally:
+                    os.close(fd)
+            except OSError as exc:  # a full disk: the redo after a crash replays more
+                log.debug("journal: checkpoint not saved: %s", exc)
+
+    def load_checkpoint(self) -> int:
+        """The newest saved checkpoint of this journal (0: none, replay everything kept)."""
+        try:
+            doc = json.loads((self.directory / "checkpoint").read_bytes().rstrip(b"\0"))
+            return int(doc["seq"]) if doc.get("journal") == self.id else 0
+        except (OSError, ValueError, KeyError, TypeError):
+            return 0
 
     # --- gaps ----------------------------------------------------------------------------------
 
@@ -646,8 +686,14 @@ class Journal:
             if self._cut is not None:
                 _zero_tail(*self._cut)
                 self._cut = None
-            if self._fd is not None:  # the gap came from outside (mark_gap): seal the open segment
-                self._seal_fd()
+            if self._fd is not None:  # the gap came from outside (mark_gap): end the open segment
+                if self._segments[-1].records:
+                    self._seal_fd()
+                else:  # nothing in it yet: the new one takes its name
+                    self._close_fds()
+                    empty = self._segments.pop()
+                    empty.path.unlink()
+                    self._stats.bytes -= SEGMENT_HEADER.size + 32
             need, free = self.min_free + self.resume_free, _free_bytes(self.directory)
             if free < need:
                 raise OSError(errno.ENOSPC, f"waiting for {need} bytes free on the journal's filesystem ({free} now)")
@@ -660,6 +706,7 @@ class Journal:
             assert self._fd is not None
             os.fdatasync(self._fd)
             self._durable = self._written
+            self.durable_seq = self._next_seq - 1
         except OSError as exc:
             self._enter_gap(exc)
             return False
@@ -752,9 +799,9 @@ class Journal:
 
     @property
     def last_seq(self) -> int:
-        """The sequence number of the newest record (0 if none)."""
-        with self._lock:
-            return self._next_seq - 1
+        """The sequence number of the newest record (0 if none).  Read without the lock (the cow
+        engine reads it after every write): while a failed segment is recounted it may read low."""
+        return self._next_seq - 1
 
     def enforce_limit(self) -> None:
         """Apply ``max_bytes`` now (after ``keep_after`` moved)."""
@@ -850,9 +897,10 @@ def _check_record(m: mmap.mmap, pos: int, key: bytes) -> int | None:
 
 
 def _parse(m: mmap.mmap, pos: int, with_data: bool = True) -> Record:
+    """The record at ``pos``; a mark always comes with its (small) data."""
     _magic, kind, _f, _r, seq, t, off, length, dlen = RECORD_HEADER.unpack_from(m, pos)
     start = pos + RECORD_HEADER.size
-    return Record(seq, t, kind, off, length, m[start : start + dlen] if with_data else b"")
+    return Record(seq, t, kind, off, length, m[start : start + dlen] if with_data or kind == MARK else b"")
 
 
 def _all_zero(m: mmap.mmap, pos: int) -> bool:

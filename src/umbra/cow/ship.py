@@ -123,7 +123,11 @@ class Shipper:
     def _pending(self, after_seq: int) -> list[Record]:
         batch: list[Record] = []
         size = 0
+        self.journal.commit()  # only durable records go: one lost locally in a power cut never ships
+        durable = self.journal.durable_seq
         for record in self.journal.records(with_data=True, after_seq=after_seq, hint=self._hint):
+            if record.seq > durable:
+                break
             batch.append(record)
             size += len(record.data)
             if size >= self.max_batch_bytes:

@@ -7,8 +7,10 @@ socket (``STATE/control.sock``) takes snapshot, release, tracking and status req
 
 State directory: ``volume.json`` (what is served where, for other umbra commands), ``running``
 (exists while the daemon runs: finding it at start means the last run crashed, so tracking is
-invalid), ``tracking.cbt`` (saved on clean shutdown), ``journal/`` (CDP segments),
-``difference.spill`` (snapshot copies past the memory limit).
+invalid and the journal is replayed onto the volume; it names the run's journal and boot id),
+``source.json`` (the source's fingerprint and journal at the last clean shutdown),
+``tracking.cbt`` (saved on clean shutdown), ``journal/`` (CDP segments), ``difference.spill``
+(snapshot copies past the memory limit).
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from typing import Any
 
 from umbra.cow.engine import CowVolume, SnapshotInfo
 from umbra.cow.journal import Journal, JournalGap
+from umbra.cow.redo import replay_onto
 from umbra.cow.ship import Shipper
 from umbra.cow.store import DifferenceStore
 from umbra.cow.tracking import ChangeTracker
@@ -99,13 +102,13 @@ class ProtectDaemon:
         try:
             nchunks = -(-self.backing.size // opts.chunk_size)
             fingerprint = _fingerprint(self.backing)
-            crashed = (self.state / "running").exists()
-            source_changed = self._source_changed(fingerprint)
+            marker = _read_marker(self.state / "running")  # left behind: the last run crashed
+            crashed = marker is not None
+            last_run = self._last_clean_run()
             self.tracker = ChangeTracker.load(self.state / "tracking.cbt", self.state / "running", nchunks, fingerprint)
             if self.tracker.invalidated:
                 log.warning("changed-block tracking reset: %s", self.tracker.invalidated)
             kept = self._load_snapshots(crashed, fingerprint, nchunks)
-            (self.state / "running").write_text(f"{os.getpid()}\n")
             if opts.journal:
                 self.journal = Journal.open(
                     self.state / "journal",
@@ -116,15 +119,20 @@ class ProtectDaemon:
                     min_free=opts.journal_min_free,
                     resume_free=max(opts.journal_min_free, 4 << 20),  # a gap ends with twice the floor free
                 )
-                if source_changed:
-                    self.journal.mark_gap("the source was modified while it was not protected")
                 torn = self.journal.stats().recovered_tail_bytes
                 if torn:
                     log.warning("journal: cut a torn tail of %d bytes", torn)
+                self._recover_journal(self.journal, marker, last_run, fingerprint)
                 if opts.repo is not None:
                     self.shipper = Shipper(self.journal, opts.repo, opts.name, interval=opts.ship_interval)
             elif opts.repo is not None:
                 raise UsageError("shipping to a repository needs the journal (drop --no-journal)")
+            marker_doc = {
+                "pid": os.getpid(),
+                "boot_id": _boot_id(),
+                "journal": self.journal.id if self.journal else None,
+            }
+            (self.state / "running").write_text(json.dumps(marker_doc) + "\n")
             limit = opts.store_limit or max(self.backing.size, 1 << 20)
             if kept is not None:
                 store = DifferenceStore.reopen(kept["store"], self.state, opts.memory_limit, limit)
@@ -209,7 +217,8 @@ class ProtectDaemon:
         fingerprint = _fingerprint(self.backing)
         if self.tracker is not None:
             self.tracker.save(self.state / "tracking.cbt", fingerprint)
-        _write_json(self.state / "source.json", {"fingerprint": fingerprint})
+        journal_id = self.journal.id if self.journal is not None else None
+        _write_json(self.state / "source.json", {"fingerprint": fingerprint, "journal": journal_id})
         snapshots = self.volume.export_snapshots()
         if snapshots:
             doc = {
@@ -226,18 +235,42 @@ class ProtectDaemon:
         self._close_storage()
         self.volume = None
 
-    def _source_changed(self, fingerprint: str) -> bool:
-        """Whether the source changed since the last clean shutdown (unknown after a crash: no)."""
+    def _last_clean_run(self) -> dict[str, Any] | None:
+        """What the last clean shutdown noted (the source's fingerprint, its journal's id)."""
         path = self.state / "source.json"
         try:
-            doc = json.loads(path.read_text())
+            doc: dict[str, Any] = json.loads(path.read_text())
         except (OSError, ValueError):
-            return False
+            return None
         path.unlink()  # from now on only a clean shutdown writes it again
-        changed = doc.get("fingerprint") != fingerprint
-        if changed:
+        return doc
+
+    def _recover_journal(
+        self, journal: Journal, marker: dict[str, Any] | None, last_run: dict[str, Any] | None, fingerprint: str
+    ) -> None:
+        """Bring the journal and the volume into agreement after the last run: replay the journal
+        onto the volume after a crash (redo), and record a gap where writes may be missing from it."""
+        previous = (marker or last_run or {}).get("journal", journal.id)
+        if last_run is not None and last_run.get("fingerprint") != fingerprint:
             log.warning("the source was modified while it was not protected: the journal records a gap")
-        return bool(changed)
+            journal.mark_gap("the source was modified while it was not protected")
+        elif previous != journal.id:
+            journal.mark_gap("the volume was served without this journal (--no-journal)")
+        if marker is None or marker.get("journal") != journal.id:
+            return
+        assert self.backing is not None
+        redo = replay_onto(journal, self.backing)
+        if redo.skipped:
+            log.warning("journal: not replayed onto the volume after the crash: %s", redo.skipped)
+        else:
+            log.warning(
+                "journal: replayed %d writes (%d bytes) onto the volume after the crash", redo.records, redo.bytes
+            )
+        if marker.get("boot_id") != _boot_id() and not self.opts.sync:
+            journal.mark_gap(
+                "the machine stopped while the volume was protected (power loss or kernel crash): "
+                "writes not yet durable in the journal may be missing from it"
+            )
 
     def _load_snapshots(self, crashed: bool, fingerprint: str, nchunks: int) -> dict[str, Any] | None:
         """Snapshots saved by the last clean shutdown, if they still describe this source."""
@@ -430,6 +463,26 @@ class ProtectDaemon:
     def op_stop(self) -> None:
         if self._loop is not None and self._stop is not None:
             self._loop.call_soon_threadsafe(self._stop.set)
+
+
+def _read_marker(path: Path) -> dict[str, Any] | None:
+    """The running marker of a run that did not shut down cleanly (None: there is none)."""
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        return None
+    try:
+        doc = json.loads(text)
+    except ValueError:
+        doc = None
+    return doc if isinstance(doc, dict) else {"pid": text.strip()}  # before 2026-12: no journal named
+
+
+def _boot_id() -> str:
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        return ""
 
 
 def _gap_doc(gap: JournalGap | None) -> dict[str, Any] | None:

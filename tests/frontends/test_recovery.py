@@ -1,0 +1,99 @@
+"""What ``umbra protect`` does at start about its last run: a crash between journaling a write and
+writing the volume is redone from the journal (RELIABILITY C4), and writes the journal cannot
+account for (power loss, a run without the journal, a source changed while unprotected) are
+recorded as a gap."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+from pathlib import Path
+
+import pytest
+
+from tests.frontends.protect_helpers import Protected
+from tests.frontends.test_cdp import SIZE, Workload
+from umbra.cow.journal import MARK, Journal
+
+
+@pytest.fixture
+def image(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.setenv("UMBRA_STATE_DIR", str(tmp_path / "states"))
+    path = tmp_path / "data.img"
+    path.write_bytes(random.Random(3).randbytes(SIZE))
+    return path
+
+
+def _gap_reasons(state: Path) -> list[str]:
+    journal = Journal.open(state / "journal", SIZE)
+    try:
+        return [r.mark["reason"] for r in journal.records() if r.kind == MARK and r.mark["kind"] == "gap"]
+    finally:
+        journal.close()
+
+
+def test_a_write_journaled_but_not_written_is_redone_at_start(image: Path, tmp_path: Path) -> None:
+    state = tmp_path / "states" / "data"
+    d = Protected(image, "data", state)
+    work = Workload(state / "nbd.sock", image.read_bytes(), seed=3)
+    work.run(30)
+    d.stop(signal.SIGKILL)
+    # the dead daemon had journaled two more writes and died before writing them to the volume
+    lost = [(12288, os.urandom(4096)), (SIZE - 70000, os.urandom(70000))]
+    journal = Journal.open(state / "journal", SIZE)
+    for offset, data in lost:
+        journal.wait_written(journal.append_write(offset, data))
+        work.model[offset : offset + len(data)] = data
+    journal.close()
+    assert image.read_bytes() != bytes(work.model)
+
+    again = Protected(image, "data", state)
+    try:
+        status = again.client.call("journal")
+        assert status["gap"] is None and status["gaps_recorded"] == 0  # same machine: nothing missing
+        work.run(5)  # and it goes on from there
+    finally:
+        assert again.stop() == 0
+    assert "replayed 2 writes" in (tmp_path / "states" / "protect-data.log").read_text()
+    assert image.read_bytes() == bytes(work.model)
+    assert _gap_reasons(state) == []
+
+
+def test_a_crash_of_the_machine_is_recorded_as_a_gap(image: Path, tmp_path: Path) -> None:
+    state = tmp_path / "states" / "data"
+    d = Protected(image, "data", state)
+    work = Workload(state / "nbd.sock", image.read_bytes(), seed=4)
+    work.run(10)
+    d.stop(signal.SIGKILL)
+    marker = json.loads((state / "running").read_text())
+    (state / "running").write_text(json.dumps({**marker, "boot_id": "an-earlier-boot"}))
+    Protected(image, "data", state).stop()
+    assert image.read_bytes() == bytes(work.model)
+    (reason,) = _gap_reasons(state)
+    assert "power loss or kernel crash" in reason
+
+
+def test_runs_without_the_journal_and_changes_behind_its_back_are_gaps(image: Path, tmp_path: Path) -> None:
+    state = tmp_path / "states" / "data"
+    d = Protected(image, "data", state)
+    Workload(state / "nbd.sock", image.read_bytes(), seed=5).run(5)
+    assert d.stop() == 0
+    d = Protected(image, "data", state, "--no-journal")
+    Workload(state / "nbd.sock", image.read_bytes(), seed=6).run(5)
+    assert d.stop() == 0
+    d = Protected(image, "data", state)
+    assert d.client.call("journal")["gaps_recorded"] == 1
+    assert d.stop() == 0
+    with open(image, "r+b") as f:  # nobody protects it now
+        f.write(b"changed")
+    d = Protected(image, "data", state)
+    assert d.stop() == 0
+    assert _gap_reasons(state) == [
+        "the volume was served without this journal (--no-journal)",
+        "the source was modified while it was not protected",
+    ]
+    d = Protected(image, "data", state)  # a clean restart of an unchanged source: no gap
+    assert d.stop() == 0
+    assert len(_gap_reasons(state)) == 2
