@@ -445,3 +445,35 @@ def test_mark_gap_right_after_opening(tmp_path: Path) -> None:
     journal.close()
     records = list(Journal.open(tmp_path / "j", SIZE).records())
     assert [(r.seq, r.kind) for r in records] == [(1, WRITE), (2, MARK), (3, WRITE)]
+
+
+def test_cutting_damage_in_the_middle_keeps_it_aside_and_never_reuses_its_numbers(tmp_path: Path) -> None:
+    """RELIABILITY C2 (b): damage followed by valid records is refused until the operator asks to
+    cut it; then the records before it stay, the damaged file is kept aside, and a gap mark skips
+    every sequence number the damaged part held (they may have been shipped)."""
+    _fill(tmp_path / "j", 200, segment_bytes=64 * 1024)
+    segments = sorted((tmp_path / "j").glob("seg-*"))
+    assert len(segments) >= 4
+    victim = segments[1]
+    data = bytearray(victim.read_bytes())
+    data[len(data) // 2] ^= 0x40
+    victim.write_bytes(bytes(data))
+    with pytest.raises(JournalCorrupt, match="sealed segment"):
+        Journal.open(tmp_path / "j", SIZE)
+    journal = Journal.open(tmp_path / "j", SIZE, cut_damaged=True, resume_free=0)
+    assert journal.gap is None, "the gap is recorded at once"
+    (aside,) = (tmp_path / "j").glob("damaged-*")
+    assert (aside / victim.name).read_bytes() == bytes(data)  # kept as it was
+    assert sorted(p.name for p in aside.iterdir()) == sorted(p.name for p in segments[1:])
+    records = list(journal.records())
+    mark = records[-1]
+    assert mark.kind == MARK and mark.mark["kind"] == "gap" and "damaged" in mark.mark["reason"]
+    kept = records[:-1]
+    assert [r.seq for r in kept] == list(range(1, len(kept) + 1))
+    assert mark.mark["first_missing_seq"] == len(kept) + 1
+    assert mark.seq == 200 + 200 // 7 + 1 + 1  # after every record the moved files held
+    journal.append_write(0, b"after")
+    journal.close()
+    reopened = Journal.open(tmp_path / "j", SIZE)  # the jump is legal now: no option needed
+    assert [r.seq for r in reopened.records()][-2:] == [mark.seq, mark.seq + 1]
+    reopened.close()

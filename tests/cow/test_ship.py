@@ -342,3 +342,54 @@ def test_only_durable_records_are_shipped(repo: Repository, tmp_path: Path, monk
     shipper.ship_once()  # the shipper makes them durable itself before it reads
     assert shipper.shipped_seq == 2
     journal.close()
+
+
+def test_a_damaged_local_journal_cut_off_after_shipping(repo: Repository, tmp_path: Path) -> None:
+    """Records already shipped are damaged locally and cut off (--journal-cut-damaged): the journal
+    goes on after their numbers, the repository takes the jump, and every instant before the
+    damage and after the next point still restores exactly."""
+    from umbra.errors import InstantInGap
+
+    s = Scenario(tmp_path, repo, seed=11)
+    s.journal.resume_free = 0
+    for _ in range(5):
+        s.write()
+    s.take_point()
+    for _ in range(60):
+        s.write()
+    while s.shipper.ship_once():
+        pass
+    shipped, shipped_ns = s.shipper.shipped_seq, s.shipper._shipped_ns
+    s.journal.close()
+    segments = sorted((tmp_path / "journal").glob("seg-*"))
+    victim = segments[len(segments) // 2]
+    data = bytearray(victim.read_bytes())
+    data[-100] ^= 1
+    victim.write_bytes(bytes(data))
+    journal = Journal.open(tmp_path / "journal", SIZE, segment_bytes=32 * 1024, cut_damaged=True, resume_free=0)
+    gap_mark = list(journal.records())[-1]
+    assert gap_mark.seq == shipped + 1 and gap_mark.mark["first_missing_seq"] < shipped
+    s.journal = s.volume.journal = journal
+    s.shipper = Shipper(journal, repo, "v")
+    for _ in range(10):
+        s.write()
+    s.take_point()
+    for _ in range(10):
+        s.write()
+    while s.shipper.ship_once():
+        pass
+    assert gap_mark.mark["since_ns"] < shipped_ns  # the local journal lost records the repository has
+    second_point = max(p.state_time_ns for p in repo.list_points("v"))
+    refused = 0
+    for when, expected in s.history:
+        if when < s.first_point_ns:
+            continue
+        if shipped_ns < when < second_point:  # nowhere are these writes journaled
+            refused += 1
+            with pytest.raises(InstantInGap):
+                open_state(repo, f"v@{iso_ns(when)}")
+            continue
+        _inst, view = open_state(repo, f"v@{iso_ns(when)}")
+        assert view.read(0, SIZE) == expected, f"state at {when}"
+    assert refused >= 10
+    journal.close()

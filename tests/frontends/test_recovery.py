@@ -97,3 +97,33 @@ def test_runs_without_the_journal_and_changes_behind_its_back_are_gaps(image: Pa
     d = Protected(image, "data", state)  # a clean restart of an unchanged source: no gap
     assert d.stop() == 0
     assert len(_gap_reasons(state)) == 2
+
+
+def test_a_damaged_journal_stops_the_start_until_the_operator_cuts_it(image: Path, tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    state = tmp_path / "states" / "data"
+    d = Protected(image, "data", state, "--journal-max", "100M")
+    work = Workload(state / "nbd.sock", image.read_bytes(), seed=7)
+    work.run(40)
+    assert d.stop() == 0
+    (segment,) = sorted((state / "journal").glob("seg-*"))
+    data = bytearray(segment.read_bytes())
+    data[len(data) // 3] ^= 0x10  # damage with valid records after it
+    segment.write_bytes(bytes(data))
+    cmd = [sys.executable, "-m", "umbra", "protect", str(image), "--name", "data", "--state", str(state)]
+    refused = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+    assert refused.returncode == 54 and "followed by valid records" in refused.stderr
+    assert segment.read_bytes() == bytes(data), "nothing was cut"
+    d = Protected(image, "data", state, "--journal-cut-damaged")
+    try:
+        assert d.client.call("journal")["gaps_recorded"] == 1
+        work.run(5)
+    finally:
+        assert d.stop() == 0
+    assert image.read_bytes() == bytes(work.model)  # the volume never depended on the journal
+    (reason,) = _gap_reasons(state)
+    assert "cut by --journal-cut-damaged" in reason
+    (aside,) = (state / "journal").glob("damaged-*")
+    assert (aside / segment.name).read_bytes() == bytes(data)

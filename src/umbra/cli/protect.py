@@ -49,6 +49,14 @@ def protect(
             "are dropped first; if that is not enough the journal pauses (a recorded gap), never the writes."
         ),
     ] = "256M",
+    journal_cut_damaged: Annotated[
+        bool,
+        typer.Option(
+            "--journal-cut-damaged",
+            help="Start even if the journal is damaged in the middle: keep the records before the damage, move the "
+            "rest aside (STATE/journal/damaged-*) and record a gap.",
+        ),
+    ] = False,
     no_journal: Annotated[bool, typer.Option("--no-journal", help="Do not keep a CDP journal.")] = False,
     journal_direct: Annotated[
         bool,
@@ -86,6 +94,7 @@ def protect(
         journal=not no_journal,
         journal_max=parse_size(journal_max) if journal_max else None,
         journal_min_free=parse_size(journal_min_free),
+        journal_cut_damaged=journal_cut_damaged,
         journal_direct=journal_direct,
         repo=Repository.open(open_backend(repo), passphrase) if repo else None,
         ship_interval=ship_interval,

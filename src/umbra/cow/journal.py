@@ -38,6 +38,7 @@ import mmap
 import os
 import re
 import secrets
+import shutil
 import struct
 import threading
 import time
@@ -131,6 +132,7 @@ class Journal:
         direct: bool = False,
         min_free: int = 0,
         resume_free: int = 4 << 20,
+        cut_damaged: bool = False,
     ) -> None:
         self.directory = directory
         self.volume_size = volume_size
@@ -140,6 +142,8 @@ class Journal:
         self.max_bytes = max_bytes
         self.min_free = min_free  # bytes to leave free on the journal's filesystem
         self.resume_free = resume_free  # and free on top of that to end a gap (no flapping)
+        self.cut_damaged = cut_damaged  # cut damage in the middle off (a recorded gap) instead of refusing
+        self._skip: tuple[int, int] | None = None  # (first missing seq, next seq): the gap mark jumps
         self._lock = threading.Lock()  # appends
         self._sync_lock = threading.Lock()  # fdatasync calls
         self._segments: list[_Segment] = []
@@ -219,12 +223,15 @@ class Journal:
         names = sorted(p for p in self.directory.iterdir() if SEGMENT_NAME.match(p.name))
         for i, path in enumerate(names):
             last = i == len(names) - 1
-            seg, valid_end, size = self._scan(path, last)
-            if seg is None:
-                if last and size < SEGMENT_HEADER.size + 32:  # created but header never written out
-                    path.unlink()
-                    continue
-                raise JournalCorrupt(path=str(path), offset=0, reason="bad segment header")
+            seg, valid_end, size, damage = self._scan(path, last)
+            if damage is not None:
+                if not self.cut_damaged:
+                    raise JournalCorrupt(path=str(path), offset=valid_end, reason=damage)
+                self._cut_damage(names[i:], seg, valid_end, damage)
+                return
+            if seg is None:  # the last segment, created but its header never written out
+                path.unlink()
+                continue
             if valid_end < size:
                 self._stats.recovered_tail_bytes += size - valid_end
                 os.truncate(path, valid_end)
@@ -232,47 +239,47 @@ class Journal:
                 path.unlink()
                 continue
             if last:  # after a kill -9 its records may be in the page cache only
-                fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-                try:
-                    os.fdatasync(fd)
-                finally:
-                    os.close(fd)
+                _fdatasync_path(path)
             self._segments.append(seg)
             self._stats.bytes += valid_end
         self.durable_seq = self._next_seq - 1
 
-    def _scan(self, path: Path, last: bool) -> tuple[_Segment | None, int, int]:
+    def _scan(self, path: Path, last: bool) -> tuple[_Segment | None, int, int, str | None]:
+        """(segment, end of its valid records, file size, damage or None).  A torn tail of the
+        last segment and a zero tail of any segment are not damage; the caller cuts them."""
         size = path.stat().st_size
         if size < SEGMENT_HEADER.size + 32:
-            return None, 0, size
+            return None, 0, size, None if last else "bad segment header"
         with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
             seg = self._parse_header(path, m)
             if seg is None:
-                return None, 0, size
+                return None, 0, size, "bad segment header"
             key = _key(seg.salt)
             pos = SEGMENT_HEADER.size + 32
-            expected = seg.first_seq
+            if (
+                self._segments
+                and seg.first_seq != self._next_seq
+                and not _starts_with_skip(m, pos, key, self._next_seq)
+            ):
+                return None, 0, size, "segments out of sequence (one is missing)"
+            self._next_seq = expected = seg.first_seq
             while pos < size:
                 rec_end = _check_record(m, pos, key)
                 if rec_end is None:
                     break
                 rec = _parse(m, pos)
                 if rec.seq != expected or rec.time_ns < self._last_ns:
-                    raise JournalCorrupt(path=str(path), offset=pos, reason="records out of order")
+                    return seg, pos, size, "records out of order"
                 self._account(seg, rec)
                 expected += 1
                 pos = rec_end
             if pos < size:
                 if not last and not _all_zero(m, pos):
-                    raise JournalCorrupt(path=str(path), offset=pos, reason="damaged record in a sealed segment")
+                    return seg, pos, size, "damaged record in a sealed segment"
                 following = _find_valid_after(m, pos + 1, key)
                 if following is not None:
-                    raise JournalCorrupt(
-                        path=str(path),
-                        offset=pos,
-                        reason=f"damaged record followed by valid records (at {following}); not truncating",
-                    )
-            return seg, pos, size
+                    return seg, pos, size, f"damaged record followed by valid records (at {following}); not truncating"
+            return seg, pos, size, None
 
     def _parse_header(self, path: Path, m: mmap.mmap) -> _Segment | None:
         raw = m[: SEGMENT_HEADER.size]
@@ -283,10 +290,38 @@ class Journal:
             return None
         if vsize != self.volume_size:
             raise JournalCorrupt(path=str(path), offset=0, reason=f"written for a volume of {vsize} bytes")
-        if first_seq != self._next_seq and self._segments:
-            raise JournalCorrupt(path=str(path), offset=0, reason="segments out of sequence (one is missing)")
-        self._next_seq = first_seq
         return _Segment(path, first_seq, salt)
+
+    def _cut_damage(self, rest: list[Path], seg: _Segment | None, valid_end: int, damage: str) -> None:
+        """``--journal-cut-damaged``: keep the valid records before the damage, move the damaged
+        segment (a copy) and every later one aside into ``damaged-<ns>/``, and record a gap whose
+        mark skips every sequence number those files may hold (shipped ones are never reused)."""
+        aside = self.directory / f"damaged-{time.time_ns()}"
+        aside.mkdir()
+        highest = max([self._next_seq - 1, *(_highest_seq(p) for p in rest)])
+        shutil.copy2(rest[0], aside / rest[0].name)
+        for later in rest[1:]:
+            os.replace(later, aside / later.name)
+        if seg is not None and seg.records:
+            os.truncate(rest[0], valid_end)
+            _fdatasync_path(rest[0])
+            self._segments.append(seg)
+            self._stats.bytes += valid_end
+        else:
+            rest[0].unlink()
+            self._next_seq = self._segments[-1].first_seq + self._segments[-1].records if self._segments else 1
+        _fsync_directory(self.directory)
+        self.durable_seq = self._next_seq - 1
+        kept = next((s.last_ns for s in reversed(self._segments) if s.last_ns is not None), 0)
+        reason = (
+            f"journal damaged in {rest[0].name} at offset {valid_end} ({damage}); cut by --journal-cut-damaged, "
+            f"the damaged files are kept in {aside.name}"
+        )
+        log.error("journal: %s", reason)
+        self.gap = JournalGap(kept + 1, reason, time.time_ns())
+        self._skip = (self._next_seq, highest + 1)
+        self._retry_at = 0.0
+        self._save_gap()
 
     def _account(self, seg: _Segment, rec: Record) -> None:
         seg.records += 1
@@ -697,8 +732,11 @@ class Journal:
             need, free = self.min_free + self.resume_free, _free_bytes(self.directory)
             if free < need:
                 raise OSError(errno.ENOSPC, f"waiting for {need} bytes free on the journal's filesystem ({free} now)")
+            mark: dict[str, object] = {"kind": "gap", "name": "journal", "since_ns": gap.since_ns, "reason": gap.reason}
+            if self._skip is not None:  # sequence numbers that may exist elsewhere are never used again
+                mark["first_missing_seq"] = self._skip[0]
+                self._next_seq = max(self._next_seq, self._skip[1])
             self._start_segment()
-            mark = {"kind": "gap", "name": "journal", "since_ns": gap.since_ns, "reason": gap.reason}
             self._append_locked(MARK, 0, 0, json.dumps(mark).encode())
             with self._io_lock:
                 self._write_queued()
@@ -710,7 +748,7 @@ class Journal:
         except OSError as exc:
             self._enter_gap(exc)
             return False
-        self.gap = None
+        self.gap, self._skip = None, None
         self.gaps_recorded += 1
         self._save_gap()
         log.warning(
@@ -720,14 +758,19 @@ class Journal:
         )
         return True
 
-    def mark_gap(self, reason: str) -> None:
+    def mark_gap(self, reason: str, next_seq: int | None = None) -> None:
         """Record that writes after the newest record may be missing although the journal did not
-        fail (the source was changed while nobody protected it)."""
+        fail (the source was changed while nobody protected it).  With ``next_seq`` the journal
+        goes on from that sequence number (records up to it exist elsewhere: never reuse them)."""
         with self._lock:
-            if self.gap is not None or not any(s.records for s in self._segments):
+            if not any(s.records for s in self._segments):
                 return
-            kept = next(s.last_ns for s in reversed(self._segments) if s.last_ns is not None)
-            self.gap = JournalGap(kept + 1, reason, time.time_ns())
+            if next_seq is not None and next_seq > self._next_seq:
+                first = self._skip[0] if self._skip else self._next_seq
+                self._skip = (first, max(next_seq, self._skip[1] if self._skip else 0))
+            if self.gap is None:
+                kept = next(s.last_ns for s in reversed(self._segments) if s.last_ns is not None)
+                self.gap = JournalGap(kept + 1, reason, time.time_ns())
             self._retry_at = 0.0
             self._resume()
 
@@ -750,14 +793,19 @@ class Journal:
             return
         if any(s.records for s in self._segments):
             doc = json.loads(body)
-            self.gap = JournalGap(int(doc["since_ns"]), str(doc["reason"]), int(doc["noticed_ns"]))
+            stored = JournalGap(int(doc["since_ns"]), str(doc["reason"]), int(doc["noticed_ns"]))
+            if self.gap is None or stored.since_ns < self.gap.since_ns:
+                self.gap = stored
+            if doc.get("skip"):
+                first, nxt = (int(x) for x in doc["skip"])
+                self._skip = (min(first, self._skip[0]), max(nxt, self._skip[1])) if self._skip else (first, nxt)
             self._retry_at = 0.0
         else:
             self._save_gap()  # a journal starting afresh (a new id) has nothing to mark
 
     def _save_gap(self) -> None:
         """Keep the gap (or that there is none) in the gap file; best effort."""
-        body = json.dumps(self.gap.to_dict()).encode() if self.gap else b""
+        body = json.dumps({**self.gap.to_dict(), "skip": self._skip}).encode() if self.gap else b""
         try:
             fd = os.open(self.directory / "gap", os.O_WRONLY | os.O_CLOEXEC)
             try:
@@ -850,6 +898,43 @@ def _zero_tail(path: Path, end: int) -> None:
 def _short_write(written: int, size: int) -> OSError:
     """A write that stopped early: the filesystem ran out of room."""
     return OSError(errno.ENOSPC, f"{os.strerror(errno.ENOSPC)} (a short journal write: {written} of {size} bytes)")
+
+
+def _fdatasync_path(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        os.fdatasync(fd)
+    finally:
+        os.close(fd)
+
+
+def _starts_with_skip(m: mmap.mmap, pos: int, key: bytes, first_missing: int) -> bool:
+    """Whether the segment's first record is a gap mark that skips sequence numbers from
+    ``first_missing`` on (the jump after a damaged part was cut)."""
+    if _check_record(m, pos, key) is None:
+        return False
+    rec = _parse(m, pos)
+    return rec.kind == MARK and rec.mark.get("kind") == "gap" and rec.mark.get("first_missing_seq") == first_missing
+
+
+def _highest_seq(path: Path) -> int:
+    """The highest sequence number a (possibly damaged) segment may hold: its valid records'
+    highest, or, with an unreadable header, as many records as could fit after its named first."""
+    named = int(SEGMENT_NAME.match(path.name).group(1))  # type: ignore[union-attr]
+    size = path.stat().st_size
+    bound = named + size // (RECORD_HEADER.size + DIGEST)
+    if size < SEGMENT_HEADER.size + 32:
+        return named
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
+        raw = m[: SEGMENT_HEADER.size]
+        if blake3.blake3(raw).digest() != m[SEGMENT_HEADER.size : SEGMENT_HEADER.size + 32]:
+            return bound
+        key = _key(SEGMENT_HEADER.unpack(raw)[3])
+        highest, pos = named - 1, SEGMENT_HEADER.size + 32
+        while (found := _find_valid_after(m, pos, key)) is not None:
+            highest = max(highest, _parse(m, found, with_data=False).seq)
+            pos = found + 1
+        return highest
 
 
 def _free_bytes(directory: Path) -> int:

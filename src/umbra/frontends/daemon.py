@@ -34,11 +34,12 @@ from umbra.cow.redo import replay_onto
 from umbra.cow.ship import Shipper
 from umbra.cow.store import DifferenceStore
 from umbra.cow.tracking import ChangeTracker
-from umbra.errors import ProtectError, UsageError
+from umbra.errors import ProtectError, UmbraError, UsageError
 from umbra.frontends.control import MAX_LINE, encode_error
 from umbra.frontends.exports import exports_of
 from umbra.frontends.nbd.server import NbdServer
 from umbra.frontends.serve import run_loop
+from umbra.repo import cdp
 from umbra.repo.pointref import format_ns
 from umbra.repo.repository import Repository
 from umbra.volume.backing import Backing, open_backing
@@ -64,6 +65,7 @@ class ProtectOptions:
     journal: bool = True
     journal_max: int | None = None
     journal_min_free: int = 0  # bytes the journal leaves free on its filesystem
+    journal_cut_damaged: bool = False  # cut damage in the middle of the journal off (a gap)
     journal_direct: bool = True
     commit_interval: float = 0.05
     repo: Repository | None = None  # ship the journal into this repository
@@ -118,12 +120,14 @@ class ProtectDaemon:
                     direct=opts.journal_direct,
                     min_free=opts.journal_min_free,
                     resume_free=max(opts.journal_min_free, 4 << 20),  # a gap ends with twice the floor free
+                    cut_damaged=opts.journal_cut_damaged,
                 )
                 torn = self.journal.stats().recovered_tail_bytes
                 if torn:
                     log.warning("journal: cut a torn tail of %d bytes", torn)
                 self._recover_journal(self.journal, marker, last_run, fingerprint)
                 if opts.repo is not None:
+                    _never_reuse_shipped(self.journal, opts.repo)
                     self.shipper = Shipper(self.journal, opts.repo, opts.name, interval=opts.ship_interval)
             elif opts.repo is not None:
                 raise UsageError("shipping to a repository needs the journal (drop --no-journal)")
@@ -463,6 +467,22 @@ class ProtectDaemon:
     def op_stop(self) -> None:
         if self._loop is not None and self._stop is not None:
             self._loop.call_soon_threadsafe(self._stop.set)
+
+
+def _never_reuse_shipped(journal: Journal, repo: Repository) -> None:
+    """If the repository holds records of this journal that the local journal lost (a power cut
+    before they were durable, a damaged part cut off), go on after them with a gap: a sequence
+    number already shipped must never name another write."""
+    try:
+        shipped = max((ref.last_seq for ref in cdp.list_batches(repo, journal.id)), default=0)
+    except (UmbraError, OSError) as exc:
+        log.warning("journal: could not compare with the repository at start (%s)", exc)
+        return
+    if shipped > journal.last_seq:
+        journal.mark_gap(
+            f"records {journal.last_seq + 1}..{shipped} were shipped but are missing from the local journal",
+            next_seq=shipped + 1,
+        )
 
 
 def _read_marker(path: Path) -> dict[str, Any] | None:

@@ -212,19 +212,24 @@ def records_between(
         if batch.records[0].time_ns > until_ns:
             break  # batches are in sequence order and time never goes back
     records = [by_seq[s] for s in sorted(by_seq)]
-    gap = None
+    gap, prev = None, None
     for record in [*records, *([following] if following is not None else [])]:
         mark = gap_of(record)
-        if mark is not None and int(mark["since_ns"]) <= until_ns:
-            gap = Gap(int(mark["since_ns"]), record.time_ns, str(mark.get("reason", "")))
+        # writes are missing from the mark's since_ns on, but not before the record preceding it
+        # here (the repository may hold records the local journal lost before it cut them off)
+        since = max(int(mark["since_ns"]), prev.time_ns + 1 if prev is not None else 0) if mark else 0
+        if mark is not None and since <= until_ns:
+            gap = Gap(since, record.time_ns, str(mark.get("reason", "")))
             break
+        prev = record
     if (not records or records[0].seq != after_seq + 1) and earliest is not None and earliest > after_seq + 1:
         return [], newest_ns, True, None  # outside the retention window: only the points are kept
     expected = after_seq + 1
     for record in records:
-        if record.seq != expected:
+        mark = gap_of(record)
+        if record.seq != expected and not (mark and mark.get("first_missing_seq") == expected):
             raise IntegrityError(f"journal {journal[:8]} has a gap: record {expected} is missing")
-        expected += 1
+        expected = record.seq + 1  # a gap mark may skip numbers (a damaged part cut off locally)
     return records, newest_ns, False, gap
 
 
