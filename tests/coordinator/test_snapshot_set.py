@@ -146,7 +146,7 @@ class FailsNotification(Writer):
 def test_backup_complete_outcome_is_stored_and_listed(repo: Repository, host: Path, tmp_path: Path) -> None:
     from typer.testing import CliRunner
 
-    from umbra.cli.main import app
+    from umbra.cli.main import register
     from umbra.repo.prune import prune
     from umbra.repo.retention import Policy
 
@@ -158,14 +158,14 @@ def test_backup_complete_outcome_is_stored_and_listed(repo: Repository, host: Pa
     assert bad["status"] == "ok", "the backup itself succeeded"
     assert bad["notified"] == [{"writer": "fails-notification", "ok": False, "error": "log truncation failed"}]
     env = {"UMBRA_REPO": str(tmp_path / "repo"), "UMBRA_PASSWORD": "secret"}
-    listing = CliRunner().invoke(app, ["list", "--json"], env=env)
+    listing = CliRunner().invoke(register(), ["list", "--json"], env=env)
     assert listing.exit_code == 0, listing.output
     by_id = {d["id"]: d for d in json.loads(listing.output)}
     assert by_id[first.point.id]["set_outcome"]["notified"][0]["ok"] is False
     assert by_id[second.point.id]["set_outcome"]["status"] == "ok"
-    table = CliRunner().invoke(app, ["list"], env=env, terminal_width=200)
+    table = CliRunner().invoke(register(), ["list"], env=env, terminal_width=200)
     assert "notify-failed" in table.output
-    lines = CliRunner().invoke(app, ["list", "--phases"], env=env, terminal_width=200).output.splitlines()
+    lines = CliRunner().invoke(register(), ["list", "--phases"], env=env, terminal_width=200).output.splitlines()
     first_line = next(line for line in lines if line.startswith(first.point.short_id + "  "))
     assert "flush-and-hold ok" in first_line and "commit ok" in first_line
     assert "backup-complete FAILED" in first_line and "(a writer failed)" in first_line
