@@ -88,7 +88,7 @@ VARIANTS = {"umbra": (), "umbra-no-journal": ("--no-journal",), "umbra-journal-b
 
 
 def nbd_bench(
-    work: Path, image: Path, size: int, runtime: int, variants: list[str]
+    work: Path, image: Path, size: int, runtime: int, variants: list[str], journal_extra: tuple[str, ...] = ()
 ) -> dict[str, dict[str, dict[str, float]]]:
     results: dict[str, dict[str, dict[str, float]]] = {}
     sock = work / "nbdkit.sock"
@@ -98,8 +98,9 @@ def nbd_bench(
     finally:
         stop(proc)
     for label in variants:
-        extra = VARIANTS[label]
+        extra = VARIANTS[label] + (() if label == "umbra-no-journal" else journal_extra)
         state = work / f"state-{label}"
+        shutil.rmtree(state, ignore_errors=True)  # each run starts with an empty journal
         proc = serve_umbra(image, state, *extra)
         try:
             uri = f"nbd+unix:///b?socket={state / 'nbd.sock'}"
@@ -206,7 +207,13 @@ def main() -> None:
         choices=["direct", "buffered"],
         help="the journal mode of the umbra run compared with nbdkit and with --no-journal",
     )
+    ap.add_argument(
+        "--journal-max",
+        help="bound the journal (umbra protect --journal-max): the steady state, where dropped segment "
+        "files are recycled",
+    )
     args = ap.parse_args()
+    journal_extra = ("--journal-max", args.journal_max) if args.journal_max else ()
     size = int(args.size[:-1]) << {"M": 20, "G": 30}[args.size[-1]]
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
@@ -219,10 +226,10 @@ def main() -> None:
     report: dict[str, object] = {"size": size}
     if "nbd" in only:
         label = "umbra" if args.journal == "direct" else "umbra-journal-buffered"
-        nbd = nbd_bench(work, image, size, args.runtime, [label, "umbra-no-journal"])
+        nbd = nbd_bench(work, image, size, args.runtime, [label, "umbra-no-journal"], journal_extra)
         nbd["umbra"] = nbd[label]
         report["nbd"] = nbd
-        print(f"journal: {args.journal}")
+        print(f"journal: {args.journal}" + (f", --journal-max {args.journal_max}" if args.journal_max else ""))
         print(
             f"{'pattern':<16}{'nbdkit MB/s':>12}{'umbra MB/s':>12}{'ratio':>7}{'no-journal':>12}"
             f"{'journal cost':>13}{'lat nbdkit':>12}{'lat umbra':>11}"
@@ -235,7 +242,7 @@ def main() -> None:
                 f"{cost:>12.0%}{k['lat_us']:>10.0f}us{u['lat_us']:>9.0f}us"
             )
     if "loop" in only:
-        loop = loop_bench(work, size, *(("--journal-buffered",) if args.journal == "buffered" else ()))
+        loop = loop_bench(work, size, *(("--journal-buffered",) if args.journal == "buffered" else ()), *journal_extra)
         report["loop"] = loop
         print(
             f"ext4 write (dd conv=fsync), medians: plain loop {loop['plain-loop-MBps']:.0f} MB/s, "
