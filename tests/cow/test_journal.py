@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from umbra.cow.journal import ALIGN, DIRECT_MIN, MARK, RECORD_HEADER, SEGMENT_HEADER, WRITE, ZERO, Journal
+from umbra.cow.journal import ALIGN, DIGEST_V2, DIRECT_MIN, MARK, RECORD_HEADER, SEGMENT_HEADER, WRITE, ZERO, Journal
 from umbra.errors import JournalCorrupt
 
 SIZE = 1 << 20
@@ -62,7 +62,7 @@ def test_torn_tail_is_cut_to_the_longest_valid_prefix(tmp_path: Path) -> None:
     journal.close()
     ends, pos = [], SEGMENT_HEADER.size + 32
     for _seq, _off, data in records:
-        pos += RECORD_HEADER.size + len(data) + 16
+        pos += RECORD_HEADER.size + DIGEST_V2 + len(data)
         ends.append(pos)
     rng = random.Random(1)
     for cut in [*rng.sample(range(ends[0] - 10, len(full)), 40), ends[10], ends[10] + 1, len(full) - 1]:
@@ -333,16 +333,19 @@ def test_a_failed_batch_releases_every_waiter_and_keeps_the_whole_records(
     monkeypatch.setattr(journal_mod, "RETRY_FIRST", 0.0)
     journal = Journal.open(tmp_path / "j", SIZE, direct=True, resume_free=0)
     assert journal.direct
-    real_pwrite, failures = os.pwrite, []
+    real_pwritev, failures, batches = os.pwritev, [], []
 
-    def failing_pwrite(fd: int, data, offset: int) -> int:
-        if fd == journal._fd and len(failures) < 1 and len(data) > DIRECT_MIN * 3:
+    def failing_pwritev(fd: int, buffers, offset: int) -> int:
+        size = sum(len(b) for b in buffers)
+        if fd == journal._fd and size > DIRECT_MIN * 3:
+            batches.append(offset)
+        if fd == journal._fd and len(failures) < 1 and len(batches) == 2:  # a batch with records before it
             failures.append(offset)
-            real_pwrite(fd, bytes(len(data) // 2), offset)  # half of it reached the disk (zeros)
+            os.pwrite(journal._buffered_fd, bytes(size // 2), offset)  # half of it reached the disk (zeros)
             raise OSError(5, "Input/output error")
-        return real_pwrite(fd, data, offset)
+        return real_pwritev(fd, buffers, offset)
 
-    monkeypatch.setattr(journal_mod.os, "pwrite", failing_pwrite)
+    monkeypatch.setattr(journal_mod.os, "pwritev", failing_pwritev)
     done = []
 
     def appender(seed: int) -> None:
@@ -363,7 +366,7 @@ def test_a_failed_batch_releases_every_waiter_and_keeps_the_whole_records(
     gaps = [r for r in records if r.kind == MARK and r.mark["kind"] == "gap"]
     assert len(gaps) == 1 and journal.gaps_recorded == 1
     before = [r for r in records if r.seq < gaps[0].seq]
-    assert gaps[0].mark["since_ns"] == before[-1].time_ns + 1
+    assert before and gaps[0].mark["since_ns"] == before[-1].time_ns + 1
     assert len(records) - 1 < 240, "the failed batch's records are missing"
     journal.close()
     assert [r.seq for r in Journal.open(tmp_path / "j", SIZE).records()] == [r.seq for r in records]
@@ -509,4 +512,82 @@ def test_dropped_segments_are_recycled_and_their_stale_records_never_read(tmp_pa
     assert again and again == on_file[-len(again) :]  # the newest (the limit may drop one more at open)
     assert reopened.last_seq == 250
     reopened.append_write(0, b"goes on")
+    reopened.close()
+
+
+def test_large_page_aligned_writes_go_to_disk_from_their_own_buffer(tmp_path: Path) -> None:
+    """Version 2 records: a large write in a page-aligned buffer (as the NBD server receives
+    them) is laid out 4 KiB-aligned in the file and written with O_DIRECT from that buffer; small
+    and unaligned ones between them are staged.  All read back, also after a kill -9."""
+    import mmap as mmap_mod
+
+    from umbra.cow.journal import FLAG_ALIGNED
+
+    journal = Journal.open(tmp_path / "j", SIZE, direct=True)
+    assert journal.direct
+    rng = random.Random(12)
+    written = []
+    for i in range(60):
+        n = rng.choice([100, 5000, DIRECT_MIN, DIRECT_MIN * 3, DIRECT_MIN + 7])
+        if i % 3:
+            buf = mmap_mod.mmap(-1, n)  # page-aligned
+            buf[:] = rng.randbytes(n)
+        else:
+            buf = rng.randbytes(n)  # read-only bytes: staged
+        journal.wait_written(journal.append_write(i, buf))
+        written.append(bytes(buf))
+    journal.commit()
+    segment = journal._segments[-1].path
+    raw = segment.read_bytes()
+    aligned = 0
+    pos = SEGMENT_HEADER.size + 32
+    for record in journal.records():
+        flags = RECORD_HEADER.unpack_from(raw, pos)[2]
+        start = pos + RECORD_HEADER.size + DIGEST_V2
+        if flags & FLAG_ALIGNED:
+            aligned += 1
+            start = -(-start // ALIGN) * ALIGN
+            assert start % ALIGN == 0
+        assert raw[start : start + record.length] == record.data
+        pos = start + record.length
+    assert aligned >= 10
+    assert [r.data for r in journal.records()] == written
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    for p in (tmp_path / "j").iterdir():
+        if p.is_file():
+            (copy / p.name).write_bytes(p.read_bytes())
+    journal.close()
+    assert [r.data for r in Journal.open(copy, SIZE).records()] == written
+
+
+def test_version_1_segments_are_still_read(tmp_path: Path) -> None:
+    """Segments written before 2026-12 (BLAKE3 record checksums, data before the digest) stay
+    readable; the journal goes on in version 2 segments after them."""
+    import struct
+    import time
+
+    import blake3
+
+    from umbra.cow.journal import RECORD_MAGIC, SEGMENT_MAGIC, _Codec
+
+    directory = tmp_path / "j"
+    directory.mkdir()
+    salt = os.urandom(16)
+    header = SEGMENT_HEADER.pack(SEGMENT_MAGIC, 1, 0, salt, SIZE, 1, time.time_ns())
+    body = bytearray(header + blake3.blake3(header).digest())
+    codec = _Codec.of(1, salt)
+    old = [os.urandom(n) for n in (10, 4096, 70000)]
+    for seq, data in enumerate(old, 1):
+        rec = RECORD_HEADER.pack(RECORD_MAGIC, WRITE, 0, 0, seq, time.time_ns(), seq, len(data), len(data))
+        body += rec + data + codec.digest(rec, data)
+    body += struct.pack("<I", RECORD_MAGIC) + b"torn"  # a torn tail
+    (directory / "seg-0000000000000001.ucj").write_bytes(bytes(body))
+    journal = Journal.open(directory, SIZE, direct=True)
+    journal.append_write(0, b"new")
+    journal.close()
+    reopened = Journal.open(directory, SIZE)
+    assert [r.data for r in reopened.records()] == [*old, b"new"]
+    assert [r.seq for r in reopened.records()] == [1, 2, 3, 4]
+    assert [s.version for s in reopened._segments][:2] == [1, 2]  # and the one it opened
     reopened.close()

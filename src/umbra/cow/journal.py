@@ -31,6 +31,7 @@ and :class:`JournalCorrupt` is raised: history is never silently dropped.
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import json
 import logging
@@ -45,20 +46,23 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import blake3
+import crc32c
 
 from umbra.errors import JournalCorrupt
 from umbra.repo.pointref import format_ns
 from umbra.volume.blockio import punch_hole
 
 SEGMENT_MAGIC = b"UMBRAJNL"
-SEGMENT_VERSION = 1
+SEGMENT_VERSION = 2  # new segments; version 1 ones are still read
 SEGMENT_HEADER = struct.Struct("<8sII16sQQQ")  # magic, version, reserved, salt, volume size, first seq, created ns
 RECORD_MAGIC = 0x55524543  # "CERU" little-endian on disk: b"CERU"
 RECORD_HEADER = struct.Struct("<IBBHQQQII")  # magic, kind, flags, reserved, seq, time ns, offset, length, data length
-DIGEST = 16
+DIGEST = 16  # version 1 records: BLAKE3
+DIGEST_V2 = 4  # version 2 records: CRC32C
+FLAG_ALIGNED = 1  # version 2: the data starts at a 4 KiB boundary of the file
 ALIGN = 4096  # O_DIRECT granularity of the journal's appends
 DIRECT_MIN = 256 << 10  # direct appends: smaller batches go through the page cache
 SEGMENT_NAME = re.compile(r"^seg-(\d{16})\.ucj$")
@@ -86,6 +90,15 @@ class Record:
     @property
     def mark(self) -> dict[str, Any]:
         return dict(json.loads(self.data)) if self.kind == MARK else {}
+
+
+class _Direct(NamedTuple):
+    """The data of an aligned record: written with O_DIRECT from its own (page-aligned) buffer."""
+
+    data: bytes | memoryview
+
+
+_Part = bytes | memoryview | _Direct
 
 
 @dataclass
@@ -120,6 +133,7 @@ class _Segment:
     write_bytes: int = 0
     first_ns: int | None = None
     last_ns: int | None = None
+    version: int = 2
 
 
 class Journal:
@@ -150,7 +164,7 @@ class Journal:
         self._sync_lock = threading.Lock()  # fdatasync calls
         self._segments: list[_Segment] = []
         self._fd: int | None = None
-        self._key = b""
+        self._codec = _Codec.of(SEGMENT_VERSION, bytes(16))
         self._pos = 0
         self._written = 0  # bytes appended (all segments), for group commit bookkeeping
         self._durable = 0
@@ -171,7 +185,7 @@ class Journal:
         self._buffered_fd: int | None = None  # direct: the same segment, for batches under DIRECT_MIN
         self._cond = threading.Condition(self._lock)  # records reaching the file (wait_written)
         self._io_lock = threading.Lock()  # direct: one batch write at a time, in append order
-        self._queued: list[bytes | memoryview] = []  # direct: record parts the writer thread has not written
+        self._queued: list[_Part] = []  # direct: record parts the writer thread has not written
         self._on_file = 0  # bytes appended (counted like _written) that are in the segment file
         self._writing = False  # direct: a waiter is writing the queue
         self._file_end = 0  # where the records known to be written end in the open segment
@@ -258,20 +272,20 @@ class Journal:
             seg = self._parse_header(path, m)
             if seg is None:
                 return None, 0, size, "bad segment header"
-            key = _key(seg.salt)
+            codec = _Codec.of(seg.version, seg.salt)
             pos = SEGMENT_HEADER.size + 32
             if (
                 self._segments
                 and seg.first_seq != self._next_seq
-                and not _starts_with_skip(m, pos, key, self._next_seq)
+                and not _starts_with_skip(m, pos, codec, self._next_seq)
             ):
                 return None, 0, size, "segments out of sequence (one is missing)"
             self._next_seq = expected = seg.first_seq
             while pos < size:
-                rec_end = _check_record(m, pos, key)
+                rec_end = codec.check(m, pos)
                 if rec_end is None:
                     break
-                rec = _parse(m, pos)
+                rec = codec.parse(m, pos)
                 if rec.seq != expected or rec.time_ns < self._last_ns:
                     return seg, pos, size, "records out of order"
                 self._account(seg, rec)
@@ -280,7 +294,7 @@ class Journal:
             if pos < size:
                 if not last and not _all_zero(m, pos):
                     return seg, pos, size, "damaged record in a sealed segment"
-                following = _find_valid_after(m, pos + 1, key)
+                following = _find_valid_after(m, pos + 1, codec)
                 if following is not None:
                     return seg, pos, size, f"damaged record followed by valid records (at {following}); not truncating"
             return seg, pos, size, None
@@ -290,11 +304,11 @@ class Journal:
         if blake3.blake3(raw).digest() != m[SEGMENT_HEADER.size : SEGMENT_HEADER.size + 32]:
             return None
         magic, version, _r, salt, vsize, first_seq, _created = SEGMENT_HEADER.unpack(raw)
-        if magic != SEGMENT_MAGIC or version != SEGMENT_VERSION:
+        if magic != SEGMENT_MAGIC or version not in (1, SEGMENT_VERSION):
             return None
         if vsize != self.volume_size:
             raise JournalCorrupt(path=str(path), offset=0, reason=f"written for a volume of {vsize} bytes")
-        return _Segment(path, first_seq, salt)
+        return _Segment(path, first_seq, salt, version=version)
 
     def _cut_damage(self, rest: list[Path], seg: _Segment | None, valid_end: int, damage: str) -> None:
         """``--journal-cut-damaged``: keep the valid records before the damage, move the damaged
@@ -398,7 +412,7 @@ class Journal:
             self._tail, self._tail_off = head, 0
         else:
             self._fd = fds[0]
-        self._key, self._pos = _key(salt), SEGMENT_HEADER.size + 32
+        self._codec, self._pos = _Codec.of(SEGMENT_VERSION, salt), SEGMENT_HEADER.size + 32
         self._file_end = self._pos
         self._segments.append(_Segment(path, self._next_seq, salt))
         self._stats.bytes += self._pos
@@ -504,24 +518,29 @@ class Journal:
     def _append_locked(self, kind: int, offset: int, length: int, data: bytes | memoryview) -> tuple[int, int]:
         assert self._fd is not None, "journal is closed"
         now = self._tick()
-        header = RECORD_HEADER.pack(RECORD_MAGIC, kind, 0, 0, self._next_seq, now, offset, length, len(data))
-        h = blake3.blake3(header, key=self._key)
-        h.update(data)
-        digest = h.digest(DIGEST)
-        total = len(header) + len(data) + DIGEST
+        codec = self._codec
+        aligned = self.direct and kind == WRITE and len(data) >= DIRECT_MIN and _page_aligned(data)
+        flags = FLAG_ALIGNED if aligned else 0
+        header = RECORD_HEADER.pack(RECORD_MAGIC, kind, flags, 0, self._next_seq, now, offset, length, len(data))
+        digest = codec.digest(header, data)
+        pad = codec.data_start(self._pos, flags) - self._pos - codec.head
+        head = header + digest + bytes(pad)
+        parts: list[_Part] = [head, _Direct(data) if aligned else data]
+        total = len(head) + len(data)
         in_file = True
         if self.direct:
-            self._queued += (header, data, digest)
             # a small record with nothing queued before it and no write under way is written
             # at once through the page cache (cheaper than any wait); others wait for a batch
-            in_file = total < DIRECT_MIN and len(self._queued) == 3 and self._io_lock.acquire(blocking=False)
+            alone = not self._queued
+            self._queued += parts
+            in_file = total < DIRECT_MIN and alone and self._io_lock.acquire(blocking=False)
             if in_file:
                 try:
                     self._write_queued()
                 finally:
                     self._io_lock.release()
         else:
-            n = os.writev(self._fd, [header, data, digest])
+            n = os.writev(self._fd, [head, data])
             if n != total:
                 raise _short_write(n, total)
             self._file_end = self._pos + total
@@ -586,45 +605,63 @@ class Journal:
             parts, self._queued = self._queued, []
             self._write_direct(parts)
 
-    def _write_direct(self, parts: list[bytes | memoryview]) -> None:
+    def _write_direct(self, parts: list[_Part]) -> None:
         """Append a batch of record parts.  A batch of DIRECT_MIN bytes or more goes through O_DIRECT:
-        the partial last block and the records, padded to whole blocks, in one aligned write that
-        bypasses the page cache.  A smaller one is written through the page cache, where it costs
-        less than a device round trip; the kernel writes such cached pages back before a later
-        O_DIRECT write over them, and the partial last block is kept in memory either way."""
+        the partial last block and the records, padded to whole blocks, in one aligned ``pwritev``
+        that bypasses the page cache; the data of aligned records (``_Direct``) goes from its own
+        buffer, everything else through a staging buffer.  A smaller batch is written through the
+        page cache, where it costs less than a device round trip; the kernel writes such cached
+        pages back before a later O_DIRECT write over them, and the partial last block is kept in
+        memory either way."""
         if self._broken:
             raise OSError(errno.EIO, "an earlier journal write failed")
         assert self._fd is not None and self._buffered_fd is not None
-        size = sum(len(p) for p in parts)
+        flat = [p.data if isinstance(p, _Direct) else p for p in parts]
+        size = sum(len(p) for p in flat)
         if size < DIRECT_MIN:
             end = self._tail_off + len(self._tail)
-            written = os.pwritev(self._buffered_fd, parts, end)
+            written = os.pwritev(self._buffered_fd, flat, end)
             if written != size:
                 raise _short_write(written, size)
-            tail = self._tail + b"".join(parts)
+            tail = self._tail + b"".join(flat)
             whole = len(tail) // ALIGN * ALIGN
             self._tail, self._tail_off = tail[whole:], self._tail_off + whole
             self._file_end = end + size
             return
-        need = len(self._tail) + size
-        padded = -(-need // ALIGN) * ALIGN
-        if self._staging is None or len(self._staging) < padded:
+        staged = len(self._tail) + sum(len(p) for p in parts if not isinstance(p, _Direct)) + ALIGN
+        if self._staging is None or len(self._staging) < staged:
             if self._staging is not None:
                 self._staging.close()
-            self._staging = mmap.mmap(-1, max(padded, 1 << 20))  # page-aligned, as O_DIRECT needs
+            self._staging = mmap.mmap(-1, max(staged, 1 << 20))  # page-aligned, as O_DIRECT needs
         buf = self._staging
-        pos = 0
-        for part in (self._tail, *parts):
-            buf[pos : pos + len(part)] = part
-            pos += len(part)
-        buf[need:padded] = bytes(padded - need)
-        written = os.pwrite(self._fd, memoryview(buf)[:padded], self._tail_off)
+        with memoryview(buf) as view:
+            iov: list[bytes | memoryview] = []
+            pos = start = 0  # staging: filled up to pos; the open run of it starts at start
+            for part in (self._tail, *parts):
+                if isinstance(part, _Direct):  # the run so far ends on a block boundary of the file
+                    if pos > start:
+                        iov.append(view[start:pos])
+                    iov.append(part.data)
+                    start = pos
+                    continue
+                buf[pos : pos + len(part)] = part
+                pos += len(part)
+            need = len(self._tail) + size
+            last = pos - start  # the last run: its partial block is the new tail
+            padded_last = -(-last // ALIGN) * ALIGN
+            buf[pos : start + padded_last] = bytes(start + padded_last - pos)
+            if padded_last:
+                iov.append(view[start : start + padded_last])
+            padded = need - last + padded_last
+            written = os.pwritev(self._fd, iov, self._tail_off)
+            whole = last // ALIGN * ALIGN
+            tail = bytes(view[start + whole : pos])
+            del iov
         if written != padded:
             raise _short_write(written, padded)
-        whole = need // ALIGN * ALIGN
         self._file_end = self._tail_off + need
-        self._tail = bytes(buf[whole:need])
-        self._tail_off += whole
+        self._tail_off += need - last + whole
+        self._tail = tail
 
     def commit(self) -> None:
         """Make every record appended so far durable (one fdatasync for any number of records).
@@ -726,7 +763,7 @@ class Journal:
         if not self._segments:
             return
         old = self._segments.pop()
-        seg = _Segment(old.path, old.first_seq, old.salt)
+        seg = _Segment(old.path, old.first_seq, old.salt, version=old.version)
         self._next_seq, saved_ns, end = old.first_seq, self._last_ns, SEGMENT_HEADER.size + 32
         try:
             for rec, rec_end in _segment_records(seg, with_data=False):
@@ -944,12 +981,12 @@ def _fdatasync_path(path: Path) -> None:
         os.close(fd)
 
 
-def _starts_with_skip(m: mmap.mmap, pos: int, key: bytes, first_missing: int) -> bool:
+def _starts_with_skip(m: mmap.mmap, pos: int, codec: _Codec, first_missing: int) -> bool:
     """Whether the segment's first record is a gap mark that skips sequence numbers from
     ``first_missing`` on (the jump after a damaged part was cut)."""
-    if _check_record(m, pos, key) is None:
+    if codec.check(m, pos) is None:
         return False
-    rec = _parse(m, pos)
+    rec = codec.parse(m, pos)
     return rec.kind == MARK and rec.mark.get("kind") == "gap" and rec.mark.get("first_missing_seq") == first_missing
 
 
@@ -958,19 +995,32 @@ def _highest_seq(path: Path) -> int:
     highest, or, with an unreadable header, as many records as could fit after its named first."""
     named = int(SEGMENT_NAME.match(path.name).group(1))  # type: ignore[union-attr]
     size = path.stat().st_size
-    bound = named + size // (RECORD_HEADER.size + DIGEST)
+    bound = named + size // (RECORD_HEADER.size + DIGEST_V2)
     if size < SEGMENT_HEADER.size + 32:
         return named
     with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
         raw = m[: SEGMENT_HEADER.size]
         if blake3.blake3(raw).digest() != m[SEGMENT_HEADER.size : SEGMENT_HEADER.size + 32]:
             return bound
-        key = _key(SEGMENT_HEADER.unpack(raw)[3])
+        _magic, version, _r, salt, *_rest = SEGMENT_HEADER.unpack(raw)
+        codec = _Codec.of(version, salt)
         highest, pos = named - 1, SEGMENT_HEADER.size + 32
-        while (found := _find_valid_after(m, pos, key)) is not None:
-            highest = max(highest, _parse(m, found, with_data=False).seq)
+        while (found := _find_valid_after(m, pos, codec)) is not None:
+            highest = max(highest, codec.parse(m, found, with_data=False).seq)
             pos = found + 1
         return highest
+
+
+def _page_aligned(data: bytes | memoryview) -> bool:
+    """Whether ``data`` can go to the disk with O_DIRECT as it is: whole blocks in a writable buffer
+    starting on a page boundary (the NBD server receives large payloads into such buffers)."""
+    if len(data) % ALIGN:
+        return False
+    try:
+        address = ctypes.addressof(ctypes.c_char.from_buffer(data))
+    except (TypeError, ValueError):
+        return False  # read-only (bytes) or not contiguous
+    return address % ALIGN == 0
 
 
 def _free_bytes(directory: Path) -> int:
@@ -988,14 +1038,14 @@ def _fsync_directory(directory: Path) -> None:
 
 def _segment_records(seg: _Segment, with_data: bool, start: int | None = None) -> Iterator[tuple[Record, int]]:
     """(record, offset where it ends) from ``start`` (default: the first record)."""
+    codec = _Codec.of(seg.version, seg.salt)
     with open(seg.path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
-        key = _key(seg.salt)
         pos = SEGMENT_HEADER.size + 32 if start is None else start
         while pos < len(m):
-            end = _check_record(m, pos, key)
+            end = codec.check(m, pos)
             if end is None:
                 return  # the tail being appended right now
-            yield _parse(m, pos, with_data), end
+            yield codec.parse(m, pos, with_data), end
             pos = end
 
 
@@ -1003,25 +1053,69 @@ def _key(salt: bytes) -> bytes:
     return blake3.blake3(salt, derive_key_context="umbra 2026 cdp journal record checksum").digest()
 
 
-def _check_record(m: mmap.mmap, pos: int, key: bytes) -> int | None:
-    """End offset of a valid record at ``pos``, or None."""
-    if pos + RECORD_HEADER.size + DIGEST > len(m):
-        return None
-    header = m[pos : pos + RECORD_HEADER.size]
-    magic, kind, _f, _r, _seq, _t, _off, _len, dlen = RECORD_HEADER.unpack(header)
-    end = pos + RECORD_HEADER.size + dlen + DIGEST
-    if magic != RECORD_MAGIC or kind not in KINDS or end > len(m):
-        return None
-    h = blake3.blake3(header, key=key)
-    h.update(m[pos + RECORD_HEADER.size : end - DIGEST])
-    return end if h.digest(DIGEST) == m[end - DIGEST : end] else None
+@dataclass(frozen=True)
+class _Codec:
+    """How the records of one segment are laid out and checked, by the segment's version.
 
+    Version 1: header, data, then a 16-byte BLAKE3 keyed with a key derived from the salt.
+    Version 2: header, a 4-byte CRC32C (seeded with the CRC32C of the salt) over header and data,
+    then the data; with ``FLAG_ALIGNED`` zero padding first brings the data to a 4 KiB boundary of
+    the file, so a large write goes to the disk with O_DIRECT straight from its own buffer.
+    """
 
-def _parse(m: mmap.mmap, pos: int, with_data: bool = True) -> Record:
-    """The record at ``pos``; a mark always comes with its (small) data."""
-    _magic, kind, _f, _r, seq, t, off, length, dlen = RECORD_HEADER.unpack_from(m, pos)
-    start = pos + RECORD_HEADER.size
-    return Record(seq, t, kind, off, length, m[start : start + dlen] if with_data or kind == MARK else b"")
+    version: int
+    key: bytes  # version 1
+    seed: int  # version 2
+
+    @classmethod
+    def of(cls, version: int, salt: bytes) -> _Codec:
+        return cls(version, _key(salt), 0) if version == 1 else cls(version, b"", crc32c.crc32c(salt))
+
+    @property
+    def head(self) -> int:
+        """Bytes before the data (and its padding)."""
+        return RECORD_HEADER.size + (0 if self.version == 1 else DIGEST_V2)
+
+    def digest(self, header: bytes, data: bytes | memoryview) -> bytes:
+        if self.version == 1:
+            h = blake3.blake3(header, key=self.key)
+            h.update(data)
+            return h.digest(DIGEST)
+        return struct.pack("<I", crc32c.crc32c(data, crc32c.crc32c(header, self.seed)))
+
+    def data_start(self, pos: int, flags: int) -> int:
+        start = pos + self.head
+        return -(-start // ALIGN) * ALIGN if flags & FLAG_ALIGNED else start
+
+    def check(self, m: mmap.mmap, pos: int) -> int | None:
+        """End offset of a valid record at ``pos``, or None."""
+        tail = DIGEST if self.version == 1 else 0
+        if pos + self.head + tail > len(m):
+            return None
+        header = m[pos : pos + RECORD_HEADER.size]
+        magic, kind, flags, _r, _seq, _t, _off, _len, dlen = RECORD_HEADER.unpack(header)
+        if magic != RECORD_MAGIC or kind not in KINDS:
+            return None
+        if self.version == 1:
+            end = pos + RECORD_HEADER.size + dlen + DIGEST
+            if end > len(m):
+                return None
+            h = blake3.blake3(header, key=self.key)
+            h.update(m[pos + RECORD_HEADER.size : end - DIGEST])
+            return end if h.digest(DIGEST) == m[end - DIGEST : end] else None
+        start = self.data_start(pos, flags)
+        end = start + dlen
+        if end > len(m):
+            return None
+        with memoryview(m) as view:
+            crc = crc32c.crc32c(view[start:end], crc32c.crc32c(header, self.seed))
+        return end if struct.pack("<I", crc) == m[pos + RECORD_HEADER.size : pos + self.head] else None
+
+    def parse(self, m: mmap.mmap, pos: int, with_data: bool = True) -> Record:
+        """The record at ``pos`` (checked); a mark always comes with its (small) data."""
+        _magic, kind, flags, _r, seq, t, off, length, dlen = RECORD_HEADER.unpack_from(m, pos)
+        start = pos + RECORD_HEADER.size if self.version == 1 else self.data_start(pos, flags)
+        return Record(seq, t, kind, off, length, m[start : start + dlen] if with_data or kind == MARK else b"")
 
 
 def _all_zero(m: mmap.mmap, pos: int) -> bool:
@@ -1029,12 +1123,12 @@ def _all_zero(m: mmap.mmap, pos: int) -> bool:
     return all((chunk := m[at : at + step]).count(0) == len(chunk) for at in range(pos, len(m), step))
 
 
-def _find_valid_after(m: mmap.mmap, pos: int, key: bytes) -> int | None:
+def _find_valid_after(m: mmap.mmap, pos: int, codec: _Codec) -> int | None:
     magic = struct.pack("<I", RECORD_MAGIC)
     while True:
         pos = m.find(magic, pos)
         if pos < 0:
             return None
-        if _check_record(m, pos, key) is not None:
+        if codec.check(m, pos) is not None:
             return pos
         pos += 1

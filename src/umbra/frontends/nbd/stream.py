@@ -12,6 +12,7 @@ asyncio's ``FlowControlMixin`` does): uvloop would then call ``data_received`` i
 from __future__ import annotations
 
 import asyncio
+import mmap
 from collections.abc import Callable, Coroutine
 from typing import Any, cast
 
@@ -34,7 +35,7 @@ class ExactReader(asyncio.BufferedProtocol):
         self._loop = loop
         self._buf = bytearray(HEAD_BUFFER)
         self._start = self._end = 0  # unread bytes: _buf[_start:_end]
-        self._target: bytearray | None = None  # a payload being received in place
+        self._target: mmap.mmap | None = None  # a payload being received in place
         self._filled = 0
         self._want = 0  # bytes the waiting readexactly needs (in _buf or in _target)
         self._waiter: asyncio.Future[None] | None = None
@@ -43,9 +44,10 @@ class ExactReader(asyncio.BufferedProtocol):
         self._closed: asyncio.Future[None] = loop.create_future()
         self._transport: asyncio.Transport | None = None
         self._task: asyncio.Task[None] | None = None  # the handler (held here: the loop keeps tasks weakly)
-        # payload buffers handed back with release(): a fresh 1 MiB bytearray costs page faults
-        # (and zeroing) that were a third of the event loop's time under large writes
-        self._pool: dict[int, list[bytearray]] = {}
+        # payload buffers handed back with release(): a fresh 1 MiB buffer costs page faults
+        # (and zeroing) that were a third of the event loop's time under large writes.  They are
+        # anonymous mappings: page-aligned, so the CDP journal writes them with O_DIRECT as they are
+        self._pool: dict[int, list[mmap.mmap]] = {}
 
     # --- protocol --------------------------------------------------------------------------
 
@@ -133,7 +135,7 @@ class ExactReader(asyncio.BufferedProtocol):
 
     async def readexactly(self, n: int) -> bytes:
         """Exactly ``n`` bytes, or ``asyncio.IncompleteReadError`` at the end of the stream.  A
-        large payload comes back as a ``bytearray`` that nothing else uses (no copy to ``bytes``);
+        large payload comes back as a page-aligned ``mmap`` buffer that nothing else uses (no copy to ``bytes``);
         hand it back with :meth:`release` once done with it."""
         avail = self._end - self._start
         if avail >= n:
@@ -142,7 +144,7 @@ class ExactReader(asyncio.BufferedProtocol):
             return data
         if n >= DIRECT_MIN:
             free = self._pool.get(n)
-            out = free.pop() if free else bytearray(n)
+            out = free.pop() if free else mmap.mmap(-1, n)
             out[:avail] = self._buf[self._start : self._end]
             self._consumed(avail)
             self._target, self._filled, self._want = out, avail, n
@@ -165,7 +167,7 @@ class ExactReader(asyncio.BufferedProtocol):
 
     def release(self, payload: bytes) -> None:
         """``payload`` (from ``readexactly``) is no longer used by anyone: reuse its buffer."""
-        if isinstance(payload, bytearray) and len(payload) >= DIRECT_MIN:
+        if isinstance(payload, mmap.mmap) and len(payload) >= DIRECT_MIN:
             free = self._pool.setdefault(len(payload), [])
             if len(free) < POOL_PER_SIZE:
                 free.append(payload)
