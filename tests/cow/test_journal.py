@@ -591,3 +591,23 @@ def test_version_1_segments_are_still_read(tmp_path: Path) -> None:
     assert [r.seq for r in reopened.records()] == [1, 2, 3, 4]
     assert [s.version for s in reopened._segments][:2] == [1, 2]  # and the one it opened
     reopened.close()
+
+
+def test_a_batch_of_more_aligned_records_than_pwritev_takes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Past MAX_DIRECT_PARTS aligned records in one batch, the rest are staged (IOV_MAX)."""
+    import mmap as mmap_mod
+
+    from umbra.cow import journal as journal_mod
+
+    monkeypatch.setattr(journal_mod, "MAX_DIRECT_PARTS", 2)
+    journal = Journal.open(tmp_path / "j", SIZE, direct=True)
+    rng = random.Random(5)
+    buffers = []
+    for _ in range(6):
+        buf = mmap_mod.mmap(-1, DIRECT_MIN)
+        buf[:] = rng.randbytes(DIRECT_MIN)
+        buffers.append(buf)
+    tickets = [journal.append_write(0, b) for b in buffers]  # queued together: one batch
+    journal.wait_written(tickets[-1])
+    assert [r.data for r in journal.records()] == [bytes(b) for b in buffers]
+    journal.close()

@@ -63,6 +63,7 @@ RECORD_HEADER = struct.Struct("<IBBHQQQII")  # magic, kind, flags, reserved, seq
 DIGEST = 16  # version 1 records: BLAKE3
 DIGEST_V2 = 4  # version 2 records: CRC32C
 FLAG_ALIGNED = 1  # version 2: the data starts at a 4 KiB boundary of the file
+MAX_DIRECT_PARTS = 500  # aligned records written from their own buffers in one pwritev (IOV_MAX 1024)
 ALIGN = 4096  # O_DIRECT granularity of the journal's appends
 DIRECT_MIN = 256 << 10  # direct appends: smaller batches go through the page cache
 SEGMENT_NAME = re.compile(r"^seg-(\d{16})\.ucj$")
@@ -628,7 +629,10 @@ class Journal:
             self._tail, self._tail_off = tail[whole:], self._tail_off + whole
             self._file_end = end + size
             return
-        staged = len(self._tail) + sum(len(p) for p in parts if not isinstance(p, _Direct)) + ALIGN
+        direct = [isinstance(p, _Direct) for p in parts]
+        for i in [i for i, d in enumerate(direct) if d][MAX_DIRECT_PARTS:]:
+            direct[i] = False  # pwritev takes at most IOV_MAX buffers: stage the rest
+        staged = len(self._tail) + sum(len(p) for p, d in zip(flat, direct, strict=True) if not d) + ALIGN
         if self._staging is None or len(self._staging) < staged:
             if self._staging is not None:
                 self._staging.close()
@@ -637,11 +641,11 @@ class Journal:
         with memoryview(buf) as view:
             iov: list[bytes | memoryview] = []
             pos = start = 0  # staging: filled up to pos; the open run of it starts at start
-            for part in (self._tail, *parts):
-                if isinstance(part, _Direct):  # the run so far ends on a block boundary of the file
+            for part, is_direct in ((self._tail, False), *zip(flat, direct, strict=True)):
+                if is_direct:  # the run so far ends on a block boundary of the file
                     if pos > start:
                         iov.append(view[start:pos])
-                    iov.append(part.data)
+                    iov.append(part)
                     start = pos
                     continue
                 buf[pos : pos + len(part)] = part
