@@ -53,7 +53,7 @@ import crc32c
 
 from umbra.errors import JournalCorrupt
 from umbra.repo.pointref import format_ns
-from umbra.volume.blockio import punch_hole
+from umbra.volume.blockio import punch_hole, sync_path
 
 SEGMENT_MAGIC = b"UMBRAJNL"
 SEGMENT_VERSION = 2  # new segments; version 1 ones are still read
@@ -258,7 +258,7 @@ class Journal:
                 path.unlink()
                 continue
             if last:  # after a kill -9 its records may be in the page cache only
-                _fdatasync_path(path)
+                sync_path(path, data_only=True)
             self._segments.append(seg)
             self._stats.bytes += valid_end
         self.durable_seq = self._next_seq - 1
@@ -323,13 +323,13 @@ class Journal:
             os.replace(later, aside / later.name)
         if seg is not None and seg.records:
             os.truncate(rest[0], valid_end)
-            _fdatasync_path(rest[0])
+            sync_path(rest[0], data_only=True)
             self._segments.append(seg)
             self._stats.bytes += valid_end
         else:
             rest[0].unlink()
             self._next_seq = self._segments[-1].first_seq + self._segments[-1].records if self._segments else 1
-        _fsync_directory(self.directory)
+        sync_path(self.directory)
         self.durable_seq = self._next_seq - 1
         kept = next((s.last_ns for s in reversed(self._segments) if s.last_ns is not None), 0)
         reason = (
@@ -391,7 +391,7 @@ class Journal:
             if written != len(head):
                 raise OSError(errno.ENOSPC, "short write of a journal segment header")
             os.fdatasync(fds[0])
-            _fsync_directory(self.directory)
+            sync_path(self.directory)
             if self.direct:
                 try:
                     fds.append(os.open(path, os.O_WRONLY | os.O_DIRECT | os.O_CLOEXEC))
@@ -977,14 +977,6 @@ def _short_write(written: int, size: int) -> OSError:
     return OSError(errno.ENOSPC, f"{os.strerror(errno.ENOSPC)} (a short journal write: {written} of {size} bytes)")
 
 
-def _fdatasync_path(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        os.fdatasync(fd)
-    finally:
-        os.close(fd)
-
-
 def _starts_with_skip(m: mmap.mmap, pos: int, codec: _Codec, first_missing: int) -> bool:
     """Whether the segment's first record is a gap mark that skips sequence numbers from
     ``first_missing`` on (the jump after a damaged part was cut)."""
@@ -1030,14 +1022,6 @@ def _page_aligned(data: bytes | memoryview) -> bool:
 def _free_bytes(directory: Path) -> int:
     st = os.statvfs(directory)
     return st.f_bavail * st.f_frsize
-
-
-def _fsync_directory(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _segment_records(seg: _Segment, with_data: bool, start: int | None = None) -> Iterator[tuple[Record, int]]:

@@ -18,6 +18,18 @@ _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True
 _libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
 
 
+def sync_path(path: os.PathLike[str] | str, data_only: bool = False) -> None:
+    """fsync (or fdatasync) a file or directory by name."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        if data_only:
+            os.fdatasync(fd)
+        else:
+            os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def pwrite_all(fd: int, data: bytes | memoryview, offset: int) -> None:
     """``pwrite`` until every byte is written (a single call may write less)."""
     view = memoryview(data)

@@ -14,20 +14,13 @@ from pathlib import Path
 
 from umbra.errors import RepositoryExists, RepositoryFull, RepositoryIOError
 from umbra.repo.backends.base import DIRECTORIES, Backend, ObjectMissing, validate_name
+from umbra.volume.blockio import sync_path
 
 
 def _io_error(name: str, exc: OSError) -> RepositoryIOError:
     if exc.errno in (errno.ENOSPC, errno.EDQUOT):
         return RepositoryFull(name=name)
     return RepositoryIOError(name=name, reason=exc.strerror or str(exc))
-
-
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def atomic_write(path: Path, data: bytes, replace: bool = False) -> None:
@@ -59,7 +52,7 @@ def atomic_write(path: Path, data: bytes, replace: bool = False) -> None:
             # link() fails if the name exists: no silent overwrite even when two writers race.
             os.link(tmp, path)
             tmp.unlink()
-        fsync_dir(path.parent)
+        sync_path(path.parent)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
@@ -85,7 +78,7 @@ class LocalBackend(Backend):
                 (self.root / d).mkdir()
             for i in range(256):
                 (self.root / "data" / f"{i:02x}").mkdir()
-            fsync_dir(self.root)
+            sync_path(self.root)
         except OSError as exc:
             raise _io_error(self.location, exc) from exc
 
@@ -117,7 +110,7 @@ class LocalBackend(Backend):
         path = self._path(name)
         try:
             path.unlink()
-            fsync_dir(path.parent)
+            sync_path(path.parent)
         except FileNotFoundError:
             raise ObjectMissing(name=name) from None
         except OSError as exc:
