@@ -69,3 +69,21 @@ def test_reads_match_the_stream_however_it_is_split(tmp_path: Path, runner: str)
     assert reply == b"done"
     assert [len(g) for g in got] == sizes and b"".join(got) == stream
     assert partial == TAIL, "the end of the stream mid-read hands back what came"
+
+
+def test_the_payload_pool_is_bounded_in_bytes() -> None:
+    """Released payload buffers are kept for reuse, but never more than POOL_MAX_BYTES of them
+    however many payload sizes a client uses."""
+    import mmap
+
+    from umbra.frontends.nbd import stream
+
+    async def main() -> None:
+        reader = ExactReader(lambda r, w: asyncio.sleep(0), asyncio.get_running_loop())
+        sizes = [DIRECT_MIN + 4096 * k for k in range(400)]
+        for n in sizes:
+            reader.release(mmap.mmap(-1, n))  # type: ignore[arg-type]
+        kept = sum(len(b) for free in reader._pool.values() for b in free)
+        assert 0 < kept <= stream.POOL_MAX_BYTES and kept == reader._pool_bytes
+
+    asyncio.run(main())

@@ -20,6 +20,7 @@ HEAD_BUFFER = 256 << 10  # headers and small payloads; larger ones are received 
 DIRECT_MIN = 64 << 10  # a wait for this many bytes or more receives them straight into the result
 PAUSE_ABOVE = 4 << 20  # unread bytes past which the transport stops reading (the client must wait)
 POOL_PER_SIZE = 16  # payload buffers kept for reuse, per payload size
+POOL_MAX_BYTES = 64 << 20  # and in all, per connection (a client may use many payload sizes)
 
 Handler = Callable[["ExactReader", asyncio.StreamWriter], Coroutine[Any, Any, None]]
 
@@ -48,6 +49,7 @@ class ExactReader(asyncio.BufferedProtocol):
         # (and zeroing) that were a third of the event loop's time under large writes.  They are
         # anonymous mappings: page-aligned, so the CDP journal writes them with O_DIRECT as they are
         self._pool: dict[int, list[mmap.mmap]] = {}
+        self._pool_bytes = 0
 
     # --- protocol --------------------------------------------------------------------------
 
@@ -144,7 +146,11 @@ class ExactReader(asyncio.BufferedProtocol):
             return data
         if n >= DIRECT_MIN:
             free = self._pool.get(n)
-            out = free.pop() if free else mmap.mmap(-1, n)
+            if free:
+                out = free.pop()
+                self._pool_bytes -= n
+            else:
+                out = mmap.mmap(-1, n)
             out[:avail] = self._buf[self._start : self._end]
             self._consumed(avail)
             self._target, self._filled, self._want = out, avail, n
@@ -169,8 +175,9 @@ class ExactReader(asyncio.BufferedProtocol):
         """``payload`` (from ``readexactly``) is no longer used by anyone: reuse its buffer."""
         if isinstance(payload, mmap.mmap) and len(payload) >= DIRECT_MIN:
             free = self._pool.setdefault(len(payload), [])
-            if len(free) < POOL_PER_SIZE:
+            if len(free) < POOL_PER_SIZE and self._pool_bytes + len(payload) <= POOL_MAX_BYTES:
                 free.append(payload)
+                self._pool_bytes += len(payload)
 
     async def _wait(self, ready: Callable[[], bool]) -> None:
         if self._reading_paused and self._transport is not None:
