@@ -611,3 +611,15 @@ def test_a_batch_of_more_aligned_records_than_pwritev_takes(tmp_path: Path, monk
     journal.wait_written(tickets[-1])
     assert [r.data for r in journal.records()] == [bytes(b) for b in buffers]
     journal.close()
+
+
+def test_mark_gap_writes_what_is_queued_first(tmp_path: Path) -> None:
+    journal = Journal.open(tmp_path / "j", SIZE, direct=True, resume_free=0)
+    journal.wait_written(journal.append_write(0, b"a"))
+    queued = [journal.append_write(1, os.urandom(DIRECT_MIN)) for _ in range(3)]  # not written yet
+    journal.mark_gap("the source was modified while it was not protected")
+    for ticket in queued:
+        journal.wait_written(ticket)
+    journal.close()
+    records = list(Journal.open(tmp_path / "j", SIZE).records())
+    assert [r.kind for r in records] == [WRITE, WRITE, WRITE, WRITE, MARK]

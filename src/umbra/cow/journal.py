@@ -799,6 +799,10 @@ class Journal:
                 _zero_tail(*self._cut)
                 self._cut = None
             if self._fd is not None:  # the gap came from outside (mark_gap): end the open segment
+                with self._io_lock:  # what is queued for it goes there first
+                    self._write_queued()
+                self._on_file = self._written
+                self._cond.notify_all()
                 if self._segments[-1].records:
                     self._seal_fd()
                 else:  # nothing in it yet: the new one takes its name
