@@ -331,7 +331,7 @@ class Journal:
             self._next_seq = self._segments[-1].first_seq + self._segments[-1].records if self._segments else 1
         sync_path(self.directory)
         self.durable_seq = self._next_seq - 1
-        kept = next((s.last_ns for s in reversed(self._segments) if s.last_ns is not None), 0)
+        kept = self._newest_record_ns() or 0
         reason = (
             f"journal damaged in {rest[0].name} at offset {valid_end} ({damage}); cut by --journal-cut-damaged, "
             f"the damaged files are kept in {aside.name}"
@@ -743,15 +743,13 @@ class Journal:
         self._queued = []
         self._on_file = self._durable = self._written
         self._cond.notify_all()
-        kept = next((s.last_ns for s in reversed(self._segments) if s.last_ns is not None), None)
         if self._fd is not None or self.gap is None:  # a segment was being written: clean it up
             self._close_fds()
             self._recount_open_segment()
-            kept = next((s.last_ns for s in reversed(self._segments) if s.last_ns is not None), None)
-            self._stats.last_ns = kept
+            self._stats.last_ns = self._newest_record_ns()
         reason = f"journal write failed: {error.strerror or error}"
-        if self.gap is None:
-            self.gap = JournalGap((kept or 0) + 1, reason, time.time_ns())
+        if self.gap is None:  # (the records were just recounted)
+            self.gap = JournalGap((self._stats.last_ns or 0) + 1, reason, time.time_ns())
             self._retry_delay = RETRY_FIRST
             log.error("journal: %s; writes go on unjournaled (a gap), retrying", reason)
         else:  # a retry failed: the first failure stays the gap's reason
@@ -760,6 +758,10 @@ class Journal:
         self._retry_at = time.monotonic() + self._retry_delay
         self._broken = False
         self._save_gap()
+
+    def _newest_record_ns(self) -> int | None:
+        """The time of the newest record kept (None: the journal holds none)."""
+        return next((s.last_ns for s in reversed(self._segments) if s.last_ns is not None), None)
 
     def _recount_open_segment(self) -> None:
         """Account the last segment's records from its file again (its valid prefix) and cut what
@@ -850,8 +852,7 @@ class Journal:
                 first = self._skip[0] if self._skip else self._next_seq
                 self._skip = (first, max(next_seq, self._skip[1] if self._skip else 0))
             if self.gap is None:
-                kept = next(s.last_ns for s in reversed(self._segments) if s.last_ns is not None)
-                self.gap = JournalGap(kept + 1, reason, time.time_ns())
+                self.gap = JournalGap((self._newest_record_ns() or 0) + 1, reason, time.time_ns())
             self._retry_at = 0.0
             self._resume()
 
