@@ -155,8 +155,13 @@ def test_kill_9_loses_no_shipped_or_pending_write(setup, tmp_path: Path) -> None
         assert out.read_bytes() == expected
         out.unlink()
     check = umbra(repo_dir, "check", "--json")
-    assert check.returncode == 0, check.stderr
-    assert json.loads(check.stdout)["journal_batches"] >= 2
+    result = json.loads(check.stdout)
+    # a kill in the middle of a batch may leave its pack unindexed: a warning (exit 1, as in the
+    # crash tests of tests/engine/test_crash.py), never an error
+    leftovers = all("is not indexed (left by an interrupted operation" in w for w in result["warnings"])
+    assert result["ok"] and not result["errors"] and leftovers, check.stdout
+    assert check.returncode == (1 if result["warnings"] else 0), check.stderr
+    assert result["journal_batches"] >= 2
 
 
 def test_bookmarks_mark_consistent_instants_on_the_timeline(setup, tmp_path: Path) -> None:
