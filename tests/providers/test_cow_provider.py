@@ -96,16 +96,21 @@ def test_tracked_incremental_and_differential_backups(protected: Protected, repo
         d.stop()
 
 
-def test_backup_releases_the_snapshot_as_it_reads(protected: Protected, repo: Repository) -> None:
+def test_backup_releases_the_snapshot_as_it_reads(
+    protected: Protected, repo: Repository, monkeypatch: pytest.MonkeyPatch
+) -> None:
     seen: list[dict] = []
+    released: list[list[tuple[int, int]]] = []
     opts = backup_set.SetBackupOptions(["data"], ["data"], set_options=SetOptions())
     original_run = backup_set.backup.run
+    monkeypatch.setattr(backup_set.backup, "RELEASE_BYTES", 8 * MiB)  # four batches of 8 MiB
 
     def spying_run(r, bopts, progress=None):
         inner = bopts.on_read
 
-        def on_read(offset: int, length: int) -> None:
-            inner(offset, length)
+        def on_read(extents: list[tuple[int, int]]) -> None:
+            inner(extents)
+            released.append(extents)
             if not seen:
                 seen.append(protected.client.call("snapshot-list")[0])
 
@@ -117,8 +122,8 @@ def test_backup_releases_the_snapshot_as_it_reads(protected: Protected, repo: Re
         backup_set.run(repo, opts, [])
     finally:
         backup_set.backup.run = original_run
-    first = seen[0]
-    assert first["protected_bytes"] < SIZE  # the first run was released at once
+    assert released == [[(k * 8 * MiB, (k + 1) * 8 * MiB)] for k in range(4)]
+    assert seen[0]["protected_bytes"] == SIZE - 8 * MiB  # the first batch was released at once
 
 
 @pytest.mark.root

@@ -8,6 +8,7 @@ the queue depths (a few runs of ``READ_RUN`` bytes plus two packs), never by the
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import functools
 import os
@@ -38,6 +39,7 @@ from umbra.volume.source import Source, open_source
 from umbra.volume.usedmap import UsedMap, build_used_map
 
 READ_RUN = 4 * 1024 * 1024
+RELEASE_EXTENTS, RELEASE_BYTES = 256, 64 << 20  # what is read, told to ``on_read`` in batches of this
 _DONE = object()
 
 
@@ -53,10 +55,10 @@ class BackupOptions:
     annotations: dict[str, Any] = field(default_factory=dict)  # extra manifest fields (snapshot sets)
     exclude_extents: list[Extent] = field(default_factory=list)  # device ranges of excluded files
     # changed-block tracking (protected volumes): read only what changed since the parent point's
-    # generation, take the rest from the parent; release each run once read
+    # generation, take the rest from the parent; release what was read (in batches, see _reader)
     tracking_generation: str | None = None
     changed_since: Callable[[str], list[Extent] | None] | None = None
-    on_read: Callable[[int, int], None] | None = None
+    on_read: Callable[[list[Extent]], None] | None = None
     # called once everything is read, before the manifest (a held filesystem is thawed there; it
     # raises if the hold did not last); returns manifest fields to update
     finish_read: Callable[[], dict[str, Any]] | None = None
@@ -86,9 +88,8 @@ def _runs(used: UsedMap, block_size: int) -> Iterator[list[tuple[int, list[Exten
         yield run
 
 
-def _read_run(source: Source, run: list[tuple[int, list[Extent] | None]], block_size: int) -> Batch:
-    first = run[0][0]
-    data = source.read_at(first * block_size, len(run) * block_size)
+def _split_run(data: bytes, run: list[tuple[int, list[Extent] | None]], block_size: int) -> Batch:
+    """The blocks of a run read in one piece, their unused parts zeroed."""
     view = memoryview(data)
     batch: Batch = []
     for k, (b, ranges) in enumerate(run):
@@ -127,16 +128,33 @@ def _reader(
     block_size: int,
     out: queue.Queue[Any],
     stop: threading.Event,
-    on_read: Callable[[int, int], None] | None = None,
+    on_read: Callable[[list[Extent]], None] | None = None,
 ) -> None:
+    """Queue the used blocks in runs, read with several reads under way (``Source.read_many``);
+    ``on_read`` hears of what was read in batches (each call to it may be a round trip)."""
     try:
-        for run in _runs(used, block_size):
+        taken: deque[list[tuple[int, list[Extent] | None]]] = deque()
+
+        def ranges() -> Iterator[tuple[int, int]]:
+            for run in _runs(used, block_size):
+                taken.append(run)
+                yield run[0][0] * block_size, len(run) * block_size
+
+        read: list[Extent] = []
+        read_bytes = 0
+        for data in source.read_many(ranges()):
             if stop.is_set():
                 return
-            batch = _read_run(source, run, block_size)
-            if on_read is not None:
-                on_read(run[0][0] * block_size, min(len(run) * block_size, source.size - run[0][0] * block_size))
-            out.put(batch)
+            run = taken.popleft()
+            out.put(_split_run(data, run, block_size))
+            start = run[0][0] * block_size
+            read.append((start, start + len(data)))
+            read_bytes += len(data)
+            if on_read is not None and (len(read) >= RELEASE_EXTENTS or read_bytes >= RELEASE_BYTES):
+                on_read(merge(read))
+                read, read_bytes = [], 0
+        if on_read is not None and read:
+            on_read(merge(read))
         out.put(_DONE)
     except BaseException as exc:  # noqa: BLE001 - handed to the consuming thread
         out.put(exc)
@@ -378,11 +396,10 @@ def _pump(
                 if inflight:
                     done_bytes = 0
                     for b, bid, env, size in inflight.popleft().result():
-                        while next_block < b:
-                            tree.add(fill.id_of(next_block))
-                            next_block += 1
+                        if next_block < b:
+                            tree.extend(fill.ids(next_block, b))
                         tree.add(bid)
-                        next_block += 1
+                        next_block = b + 1
                         counts["blocks_read"] += 1
                         done_bytes += size
                         if bid == ZERO_ID:
@@ -398,9 +415,8 @@ def _pump(
                 batches.get_nowait()
             except queue.Empty:
                 reader.join(0.05)
-    while next_block < nblocks:
-        tree.add(fill.id_of(next_block))
-        next_block += 1
+    if next_block < nblocks:
+        tree.extend(fill.ids(next_block, nblocks))
 
 
 def _tracked_changes(opts: BackupOptions, parent: Point | None, size: int) -> list[Extent] | None:
@@ -414,11 +430,11 @@ def _tracked_changes(opts: BackupOptions, parent: Point | None, size: int) -> li
 
 
 class _Fill:
-    """The id of a block the pipeline does not read: zero, or (tracked backups) the parent's."""
+    """The ids of blocks the pipeline does not read: zero, or (tracked backups) the parent's."""
 
     def __init__(self, repo: Repository, parent: Point | None, size: int, block_size: int) -> None:
         self.repo, self.parent, self.size, self.block_size = repo, parent, size, block_size
-        self.changed: set[int] | None = None
+        self.changed: list[int] | None = None  # sorted
         self._reader: TreeReader | None = None
         self._leaves: Iterator[tuple[int, bytes]] | None = None
         self._leaf_first = -1
@@ -428,20 +444,30 @@ class _Fill:
         """Restrict ``used`` to the changed blocks; every other block keeps the parent's id."""
         bs = self.block_size
         changed = merge((s // bs * bs, min(self.size, -(-e // bs) * bs)) for s, e in changed)
-        self.changed = {b for s, e in changed for b in range(s // bs, -(-e // bs))}
+        self.changed = [b for s, e in changed for b in range(s // bs, -(-e // bs))]
         assert self.parent is not None
         self._reader = self.repo.tree_reader(self.parent)
         self._leaves = iter(self._reader.leaves())
         return UsedMap(used.kind + "+tracked", intersect(used.extents, changed), used.size)
 
-    def id_of(self, block: int) -> bytes:
-        if self.changed is None or block in self.changed:
-            return ZERO_ID  # not used (or changed and now unused): free space is zeros
+    def ids(self, start: int, stop: int) -> list[bytes]:
+        """The ids of blocks ``start`` to ``stop`` (asked for in increasing order)."""
+        if self.changed is None:
+            return [ZERO_ID] * (stop - start)  # not used: free space is zeros
         assert self.parent is not None and self._reader is not None and self._leaves is not None
         fanout = self.parent.fanout
-        first = block // fanout * fanout
-        while self._leaf_first != first:  # blocks are asked for in increasing order
-            self._leaf_first, leaf = next(self._leaves)
-            if self._leaf_first == first:
-                self._leaf_ids = self._reader.leaf_blocks(leaf, first)
-        return self._leaf_ids[block - first]
+        out: list[bytes] = []
+        block = start
+        while block < stop:
+            first = block // fanout * fanout
+            while self._leaf_first != first:
+                self._leaf_first, leaf = next(self._leaves)
+                if self._leaf_first == first:
+                    self._leaf_ids = self._reader.leaf_blocks(leaf, first)
+            end = min(stop, first + fanout)
+            out += self._leaf_ids[block - first : end - first]
+            block = end
+        # changed blocks not read (no longer used) are zeros
+        for b in self.changed[bisect.bisect_left(self.changed, start) : bisect.bisect_left(self.changed, stop)]:
+            out[b - start] = ZERO_ID
+        return out

@@ -31,10 +31,10 @@ class Snapshot:
     handle: dict[str, Any] = field(default_factory=dict)
     exclude_extents: list[Extent] = field(default_factory=list)  # device ranges left out (--exclude-file)
     # changed-block tracking (cow): this snapshot's generation, and the extents written since an
-    # older generation (None when unknown); on_read releases a range once the backup has read it
+    # older generation (None when unknown); on_read releases extents once the backup has read them
     tracking_generation: str | None = None
     changed_since: Callable[[str], list[Extent] | None] | None = None
-    on_read: Callable[[int, int], None] | None = None
+    on_read: Callable[[list[Extent]], None] | None = None
     # CDP (cow): {"journal": id, "seq": n, "time_ns": t} of the snapshot's journal mark
     cdp: dict[str, Any] = field(default_factory=dict)
     # called once the backup has read everything, before its manifest is written (hold: the thaw,

@@ -69,8 +69,8 @@ class CowProvider(Provider):
         except ProtectError as exc:
             raise ProviderError(provider=self.name, volume=volume.source, reason=exc.message) from exc
 
-        def release(offset: int, length: int) -> None:
-            client.call("release", name=name, extents=[[offset, offset + length]])
+        def release(extents: list[Extent]) -> None:
+            client.call("release", name=name, extents=[[start, end] for start, end in extents])
 
         def changed(generation: str) -> list[Extent] | None:
             extents = client.call("changed", name=name, since=generation)

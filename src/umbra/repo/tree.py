@@ -51,7 +51,7 @@ class TreeBuilder:
         self.count = 0
 
     def _make(self, level: int, ids: list[bytes]) -> bytes:
-        if all(i == ZERO_ID for i in ids):
+        if ids.count(ZERO_ID) == len(ids):
             return ZERO_ID
         return self._store(encode_node(level, ids))
 
@@ -67,6 +67,19 @@ class TreeBuilder:
     def add(self, block_id: bytes) -> None:
         self.count += 1
         self._push(0, block_id)
+
+    def extend(self, block_ids: list[bytes]) -> None:
+        """``add`` each of ``block_ids``, a leaf's worth at a time."""
+        pos = 0
+        while pos < len(block_ids):
+            entries = self._levels[0]
+            take = min(self.fanout - len(entries), len(block_ids) - pos)
+            entries.extend(block_ids[pos : pos + take])
+            self.count += take
+            pos += take
+            if len(entries) == self.fanout:
+                self._levels[0] = []
+                self._push(1, self._make(0, entries))
 
     def finish(self) -> tuple[bytes, int]:
         """Returns (root id, height)."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import os
 import stat
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -24,6 +25,10 @@ class Source(Protocol):
     is_block_device: bool
 
     def read_at(self, offset: int, length: int) -> bytes: ...
+    def read_many(self, ranges: Iterable[tuple[int, int]]) -> Iterator[bytes]:
+        """``read_at`` of each range, in order (a source may have several reads under way)."""
+        ...
+
     def data_extents(self) -> list[Extent] | None: ...
     def close(self) -> None: ...
 
@@ -46,6 +51,10 @@ class FileSource:
         if len(data) != length:
             raise SourceReadError(path=self.path, offset=offset + len(data), reason="unexpected end of data")
         return data
+
+    def read_many(self, ranges: Iterable[tuple[int, int]]) -> Iterator[bytes]:
+        for offset, length in ranges:
+            yield self.read_at(offset, length)
 
     def data_extents(self) -> list[Extent] | None:
         """Where an image file has data (SEEK_DATA/SEEK_HOLE); None for devices or if unsupported.
