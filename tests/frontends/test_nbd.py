@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import struct
 import subprocess
+import threading
+import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -238,3 +241,34 @@ def test_random_requests_never_break_the_server(served: ServedVolume) -> None:
     client.request(p.CMD_READ, 0, 4096)
     assert client.simple_reply(4096)[0] == 0
     client.close()
+
+
+def test_pipelined_small_reads_when_the_client_stops_reading_replies(served: ServedVolume) -> None:
+    """Small requests are done in the event loop and their replies written in batches: a client
+    that sends many and reads none must not make the server buffer them all."""
+    chunk, count = 64 * 1024, 3000  # 188 MiB of replies
+    pattern = os.urandom(SIZE)
+    served.volume.write(0, pattern)
+    c = RawClient(served.sock, served.volume.name)
+    requests = b"".join(
+        p.REQUEST.pack(p.REQUEST_MAGIC, 0, p.CMD_READ, k, k * chunk % SIZE, chunk) for k in range(count)
+    )
+    sender = threading.Thread(target=c.s.sendall, args=(requests,))
+    sender.start()
+    time.sleep(1.0)  # the server reads requests and answers until its replies back up
+
+    async def buffered() -> int:
+        return sum(w.transport.get_write_buffer_size() for w in served.server._connections)
+
+    held = asyncio.run_coroutine_threadsafe(buffered(), served.loop).result(10)
+    assert held <= 2 * MiB  # waits for the client instead of queueing 188 MiB
+    seen = set()
+    for _ in range(count):
+        magic, err, cookie = p.SIMPLE_REPLY.unpack(c.recv(p.SIMPLE_REPLY.size))
+        assert (magic, err) == (p.SIMPLE_REPLY_MAGIC, 0)
+        offset = cookie * chunk % SIZE
+        assert c.recv(chunk) == pattern[offset : offset + chunk]
+        seen.add(cookie)
+    sender.join(10)
+    assert seen == set(range(count))
+    c.close()

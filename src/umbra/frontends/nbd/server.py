@@ -1,8 +1,11 @@
 """An asyncio NBD server over :class:`~umbra.frontends.exports.BlockExport` views.
 
-One task per connection reads requests in order; each valid request runs in a worker thread (the
-cow engine and the kernel do the work, releasing the GIL) and its reply is written under a
-per-connection lock, so replies may come back out of order as NBD allows.  Every request is checked
+One task per connection reads requests in order.  A small read or write (up to ``INLINE_MAX``,
+no FUA) is done right there, at page-cache speed, and its reply queued; the queued replies go out
+in one ``writelines`` when the loop is about to wait for the client (and the loop waits while the
+client leaves too many unread).  Every other valid request runs in a worker thread (the cow engine
+and the kernel do the work, releasing the GIL) and its reply is written under a per-connection
+lock, so replies may come back out of order as NBD allows.  Every request is checked
 at the edge (:func:`protocol.validate`): a bad one gets an error reply and the connection goes on;
 only a broken stream (bad magic, truncated message, oversized payload) closes that connection.
 The server itself never stops because of a client.
@@ -26,7 +29,38 @@ from umbra.frontends.nbd.stream import ExactReader, serve_tcp, serve_unix
 log = logging.getLogger("umbra.nbd")
 MAX_INFLIGHT = 64
 MAX_DESCRIPTORS = 8192
-INLINE_MAX = 64 * 1024
+INLINE_MAX = 64 * 1024  # reads and writes up to this size are done in the event loop
+REPLY_BATCH = 256 * 1024  # their replies go out together, up to this many bytes at a time
+
+
+def _inline(req: p.Request) -> bool:
+    return req.length <= INLINE_MAX and not req.flags & p.CMD_FLAG_FUA
+
+
+class _Replies:
+    """Replies to requests done in the event loop, written together (one ``writelines``, often one
+    system call) when the loop is about to wait, instead of one write each."""
+
+    def __init__(self, w: asyncio.StreamWriter, lock: asyncio.Lock) -> None:
+        self.w, self.lock = w, lock
+        self.parts: list[bytes] = []
+        self.size = 0
+
+    def add(self, *parts: bytes) -> None:
+        self.parts.extend(parts)
+        self.size += sum(len(part) for part in parts)
+
+    def flush_now(self) -> None:
+        if self.parts and not self.w.is_closing():
+            self.w.writelines(self.parts)  # whole replies: a task's reply never lands inside one
+        self.parts, self.size = [], 0
+
+    async def flush(self) -> None:
+        """Write what is queued; wait while the transport holds too much the client has not read."""
+        self.flush_now()
+        if self.w.transport.get_write_buffer_size() > REPLY_BATCH:
+            async with self.lock:
+                await self.w.drain()
 
 
 class _Closed(Exception):
@@ -238,8 +272,11 @@ class NbdServer:
         lock = asyncio.Lock()
         slots = asyncio.Semaphore(MAX_INFLIGHT)
         tasks: set[asyncio.Task[None]] = set()
+        replies = _Replies(w, lock)
         try:
             while True:
+                if r.buffered() < p.REQUEST.size:
+                    await replies.flush()  # about to wait for the client: what is done goes out
                 try:
                     raw = await r.readexactly(p.REQUEST.size)
                 except asyncio.IncompleteReadError:
@@ -252,8 +289,11 @@ class NbdServer:
                 payload = b""
                 if req.type == p.CMD_WRITE:
                     if req.length > p.MAX_DISCARDABLE:
+                        await replies.flush()
                         await self._error(w, lock, s, req, p.EINVAL, "write payload too large")
                         return
+                    if r.buffered() < req.length:
+                        await replies.flush()
                     payload = await r.readexactly(req.length)
                 meta_ok = s.meta_export == export.name
                 err = p.validate(req, export.size, export.read_only, s.structured)
@@ -262,10 +302,31 @@ class NbdServer:
                 if err is not None:
                     s.stats["errors"] += 1
                     name = p.COMMAND_NAMES.get(req.type, str(req.type))
+                    await replies.flush()
                     await self._error(w, lock, s, req, err, f"invalid {name} request")
                     continue
                 if req.type == p.CMD_DISC:
                     return
+                if req.type in (p.CMD_READ, p.CMD_WRITE) and _inline(req):
+                    # small I/O costs less than a task and a hop to a worker thread: done here (page
+                    # cache speed), its reply sent with the others done before the loop next waits
+                    try:
+                        if req.type == p.CMD_READ:
+                            replies.add(*self._read_reply(s, req, export.read(req.offset, req.length)))
+                        else:
+                            export.write(req.offset, payload, False)
+                            replies.add(p.SIMPLE_REPLY.pack(p.SIMPLE_REPLY_MAGIC, 0, req.cookie))
+                    except Exception as exc:  # noqa: BLE001 - becomes the request's error reply
+                        await replies.flush()
+                        await self._failed(w, lock, s, req, exc)
+                    finally:
+                        if payload:
+                            r.release(payload)
+                    if replies.size >= REPLY_BATCH:
+                        await replies.flush()  # and wait while the client does not read them
+                    continue
+                if slots.locked():
+                    await replies.flush()
                 await slots.acquire()
                 task = asyncio.create_task(self._run(w, lock, s, export, req, payload))
                 tasks.add(task)
@@ -274,6 +335,7 @@ class NbdServer:
                     task.add_done_callback(lambda _t, b=payload: r.release(b))  # type: ignore[misc]
                 task.add_done_callback(lambda _t: slots.release())
         finally:
+            replies.flush_now()
             if tasks:
                 await asyncio.gather(*tasks, return_exceptions=True)
 
@@ -288,15 +350,10 @@ class NbdServer:
     ) -> None:
         loop = asyncio.get_running_loop()
         fua = bool(req.flags & p.CMD_FLAG_FUA)
-        # small I/O costs less than a hop to a worker thread: done in the loop (page cache speed)
-        inline = req.length <= INLINE_MAX and not fua
         try:
             if req.type == p.CMD_READ:
-                if inline:
-                    data = export.read(req.offset, req.length)
-                else:
-                    data = await loop.run_in_executor(self.executor, export.read, req.offset, req.length)
-                await self._send_read(w, lock, s, req, data)
+                data = await loop.run_in_executor(self.executor, export.read, req.offset, req.length)
+                await self._send(w, lock, *self._read_reply(s, req, data))
                 return
             if req.type == p.CMD_BLOCK_STATUS:
                 descriptors = await loop.run_in_executor(self.executor, self._status, export, req)
@@ -311,10 +368,7 @@ class NbdServer:
                 )
                 return
             if req.type == p.CMD_WRITE:
-                if inline:
-                    export.write(req.offset, payload, False)
-                else:
-                    await loop.run_in_executor(self.executor, export.write, req.offset, payload, fua)
+                await loop.run_in_executor(self.executor, export.write, req.offset, payload, fua)
             elif req.type in (p.CMD_TRIM, p.CMD_WRITE_ZEROES):
                 await loop.run_in_executor(self.executor, export.zero, req.offset, req.length, fua)
             elif req.type == p.CMD_FLUSH:
@@ -324,9 +378,14 @@ class NbdServer:
         except (ConnectionError, _Closed):
             raise
         except Exception as exc:  # noqa: BLE001 - becomes the request's error reply
-            s.stats["errors"] += 1
-            log.warning("NBD %s at %d+%d failed: %s", p.COMMAND_NAMES.get(req.type), req.offset, req.length, exc)
-            await self._error(w, lock, s, req, p.wire_error(exc), str(exc)[:200])
+            await self._failed(w, lock, s, req, exc)
+
+    async def _failed(
+        self, w: asyncio.StreamWriter, lock: asyncio.Lock, s: _Session, req: p.Request, exc: Exception
+    ) -> None:
+        s.stats["errors"] += 1
+        log.warning("NBD %s at %d+%d failed: %s", p.COMMAND_NAMES.get(req.type), req.offset, req.length, exc)
+        await self._error(w, lock, s, req, p.wire_error(exc), str(exc)[:200])
 
     def _status(self, export: BlockExport, req: p.Request) -> list[tuple[int, int]]:
         out: list[tuple[int, int]] = []
@@ -340,16 +399,15 @@ class NbdServer:
                 break
         return out[:1] if req.flags & p.CMD_FLAG_REQ_ONE else out
 
-    async def _send_read(
-        self, w: asyncio.StreamWriter, lock: asyncio.Lock, s: _Session, req: p.Request, data: bytes
-    ) -> None:
+    @staticmethod
+    def _read_reply(s: _Session, req: p.Request, data: bytes) -> tuple[bytes, bytes]:
         if s.structured:
             head = p.STRUCTURED_REPLY.pack(
                 p.STRUCTURED_REPLY_MAGIC, p.REPLY_FLAG_DONE, p.REPLY_TYPE_OFFSET_DATA, req.cookie, 8 + len(data)
             ) + struct.pack(">Q", req.offset)
         else:
             head = p.SIMPLE_REPLY.pack(p.SIMPLE_REPLY_MAGIC, 0, req.cookie)
-        await self._send(w, lock, head, data)
+        return head, data
 
     async def _error(
         self, w: asyncio.StreamWriter, lock: asyncio.Lock, s: _Session, req: p.Request, err: int, message: str

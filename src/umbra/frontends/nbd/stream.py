@@ -135,6 +135,10 @@ class ExactReader(asyncio.BufferedProtocol):
 
     # --- reader ----------------------------------------------------------------------------
 
+    def buffered(self) -> int:
+        """Bytes received and not read yet: ``readexactly`` of as many returns without waiting."""
+        return self._end - self._start
+
     async def readexactly(self, n: int) -> bytes:
         """Exactly ``n`` bytes, or ``asyncio.IncompleteReadError`` at the end of the stream.  A
         large payload comes back as a page-aligned ``mmap`` buffer that nothing else uses (no copy to ``bytes``);
