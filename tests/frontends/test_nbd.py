@@ -18,6 +18,7 @@ import pytest
 from tests.conftest import requires
 from tests.cow.helpers import make_volume
 from umbra.frontends.nbd import protocol as p
+from umbra.frontends.nbd.server import NbdServer
 
 from .nbd_helpers import RawClient, ServedVolume
 
@@ -272,3 +273,45 @@ def test_pipelined_small_reads_when_the_client_stops_reading_replies(served: Ser
     sender.join(10)
     assert seen == set(range(count))
     c.close()
+
+
+class _ThreadRecordingExport:
+    """A memory export that notes which thread did each read."""
+
+    read_only, description = True, "memory"
+
+    def __init__(self, name: str, inline: bool) -> None:
+        self.name, self.inline, self.size = name, inline, MiB
+        self.threads: list[str] = []
+
+    def read(self, offset: int, length: int) -> bytes:
+        self.threads.append(threading.current_thread().name)
+        return bytes(length)
+
+    def allocation(self, offset: int, length: int) -> Iterator[tuple[int, int, bool]]:
+        yield offset, offset + length, False
+
+
+def test_small_requests_run_in_the_loop_only_for_exports_that_allow_it(tmp_path: Path) -> None:
+    local, remote = _ThreadRecordingExport("local", True), _ThreadRecordingExport("remote", False)
+    exports = {"local": local, "remote": remote}
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, name="nbd-loop", daemon=True)
+    thread.start()
+    server = NbdServer(lambda: exports, "local")  # type: ignore[arg-type, return-value]
+    sock = tmp_path / "nbd.sock"
+    asyncio.run_coroutine_threadsafe(server.listen(f"unix:{sock}"), loop).result(10)
+    try:
+        for name in exports:
+            c = RawClient(sock, name)
+            for length in (4096, 1 << 20):  # small, then large (always a worker)
+                c.request(p.CMD_READ, 0, length)
+                assert c.simple_reply(length) == (0, bytes(length))
+            c.close()
+    finally:
+        asyncio.run_coroutine_threadsafe(server.close(), loop).result(10)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(10)
+        server.executor.shutdown()
+    assert local.threads[0] == "nbd-loop" and local.threads[1] != "nbd-loop"
+    assert all(t != "nbd-loop" for t in remote.threads) and len(remote.threads) == 2

@@ -24,6 +24,9 @@ class BlockExport(Protocol):
     size: int
     read_only: bool
     description: str
+    # small reads and writes cost about a page-cache copy: the NBD server does them in its event
+    # loop instead of a worker thread (never for views that may fetch from a repository or sync)
+    inline: bool
 
     def read(self, offset: int, length: int) -> bytes: ...
     def write(self, offset: int, data: bytes, fua: bool) -> None: ...
@@ -42,6 +45,7 @@ class VolumeExport:
         self.name = volume.name
         self.size = volume.size
         self.description = f"umbra protected volume {volume.name}"
+        self.inline = not volume.sync  # with --sync every write waits for the disk
 
     def read(self, offset: int, length: int) -> bytes:
         return self.volume.read(offset, length)
@@ -76,6 +80,7 @@ class SnapshotExport:
     """One snapshot, read-only; chunks it does not protect read as zeros and are reported as holes."""
 
     read_only = True
+    inline = True
 
     def __init__(self, volume: CowVolume, snapshot: str) -> None:
         self.volume = volume
@@ -105,6 +110,7 @@ class PointExport:
     demand (:mod:`umbra.repo.view`)."""
 
     read_only = True
+    inline = False  # a block may be fetched from the repository (a server, a slow disk)
 
     def __init__(self, view: BlockView, name: str) -> None:
         self.view = view
@@ -133,6 +139,7 @@ class OverlayExport:
     from the view.  The base is never written; the overlay lives as long as this object."""
 
     read_only = False
+    inline = False  # reads fall through to the view below
     PAGE = 4096
 
     def __init__(self, base: BlockExport, overlay_path: str) -> None:
@@ -232,6 +239,7 @@ class RestoringExport:
     cursor reaches the end the target holds exactly what the clients see, and stays so."""
 
     read_only = False
+    inline = False
     CHUNK = 4 << 20
 
     def __init__(self, overlay: OverlayExport, target: Target) -> None:

@@ -307,7 +307,7 @@ class NbdServer:
                     continue
                 if req.type == p.CMD_DISC:
                     return
-                if req.type in (p.CMD_READ, p.CMD_WRITE) and _inline(req):
+                if req.type in (p.CMD_READ, p.CMD_WRITE) and export.inline and _inline(req):
                     # small I/O costs less than a task and a hop to a worker thread: done here (page
                     # cache speed), its reply sent with the others done before the loop next waits
                     try:
