@@ -50,6 +50,7 @@ class WriteLog(Protocol):
     def append_mark(self, kind: str, name: str, **fields: object) -> int: ...
     def commit(self) -> None: ...
     def save_checkpoint(self, seq: int) -> None: ...
+    def note_applied(self, seq: int) -> None: ...
     @property
     def last_seq(self) -> int: ...
 
@@ -101,10 +102,10 @@ class CowVolume:
         self.sync = sync  # every write durable before it is acknowledged
         self._cond = threading.Condition()
         self._snaps: dict[str, _Snap] = {}
-        self._ranges: list[tuple[int, int]] = []  # byte ranges being written right now
+        self._ranges: list[tuple[int, int, int]] = []  # writes in flight: start, end, journal seq
         self._barrier = 0
-        # the journal's newest sequence number at a moment when no write was in flight: every
-        # record through it has reached the volume (a flush then makes it the redo checkpoint)
+        # every journal record through this one has reached the volume (the low watermark of the
+        # writes in flight): a flush makes it the redo checkpoint
         self._quiet_seq = journal.last_seq if journal is not None else 0
         self.writes = 0
         self.bytes_written = 0
@@ -152,15 +153,13 @@ class CowVolume:
 
     def _begin_write(
         self, offset: int, length: int, data: bytes | memoryview | None
-    ) -> tuple[tuple[int, int], int | None]:
+    ) -> tuple[tuple[int, int, int], int | None]:
         """Preserve, track and journal under the lock.  A write that overlaps one in flight waits
         for it, so overlapping writes reach the volume in their journal order (what CDP replays)."""
         first, end = offset // self.chunk_size, (offset + length - 1) // self.chunk_size + 1
-        span = (offset, offset + length)
         with self._cond:
-            while self._barrier or any(s < span[1] and span[0] < e for s, e in self._ranges):
+            while self._barrier or any(s < offset + length and offset < e for s, e, _ in self._ranges):
                 self._cond.wait()
-            self._ranges.append(span)
             self._preserve(first, end)
             if self.tracker is not None:
                 self.tracker.mark(first, end)
@@ -170,15 +169,19 @@ class CowVolume:
                     ticket = self.journal.append_zero(offset, length)
                 else:
                     ticket = self.journal.append_write(offset, data)
+            span = (offset, offset + length, self.journal.last_seq if self.journal is not None else 0)
+            self._ranges.append(span)
             self.writes += 1
             self.bytes_written += length
         return span, ticket
 
-    def _end_write(self, span: tuple[int, int]) -> None:
+    def _end_write(self, span: tuple[int, int, int]) -> None:
         with self._cond:
             self._ranges.remove(span)
-            if not self._ranges and self.journal is not None:
-                self._quiet_seq = self.journal.last_seq
+            if self.journal is not None:
+                # writes finish out of order: everything before the oldest still in flight is done
+                self._quiet_seq = min(r[2] for r in self._ranges) - 1 if self._ranges else self.journal.last_seq
+                self.journal.note_applied(self._quiet_seq)
             self._cond.notify_all()  # the barrier and writes waiting for an overlapping range
 
     def _preserve(self, first: int, end: int) -> None:

@@ -72,6 +72,7 @@ GAP_FILE_BYTES = 4096  # the gap file's fixed size: rewritten in place, so a ful
 RECYCLE_KEEP = 2  # dropped segment files kept for reuse (direct appends)
 RECYCLE_NAME = re.compile(r"^recycle-(\d{16})\.ucj$")
 RETRY_FIRST, RETRY_MAX = 1.0, 60.0  # seconds between attempts to end a gap
+CHECKPOINT_EVERY = 1.0  # seconds between saves of the applied checkpoint (note_applied)
 
 log = logging.getLogger(__name__)
 
@@ -197,7 +198,10 @@ class Journal:
         self.durable_seq = 0  # records through this one are on stable storage (shipped only then)
         self._broken = False  # a direct write failed: nothing more goes into the open segment
         self._checkpoint_lock = threading.Lock()
-        self._checkpoint = 0  # the newest checkpoint saved by this process
+        self._checkpoint = 0  # the newest durable checkpoint saved by this process
+        self._applied = 0  # records through this one are in the volume (page cache), note_applied
+        self._checkpoint_applied = 0  # the applied seq last saved
+        self._applied_due = 0.0  # monotonic time after which the commit thread saves it again
         self._recycled: list[Path] = []  # dropped segment files to overwrite instead of extending new ones
         self._cut: tuple[Path, int] | None = None  # a tail the failed segment still needs cleared
 
@@ -701,6 +705,9 @@ class Journal:
                 self.commit()
             except OSError:
                 continue  # the journal is being closed; close() commits itself
+            if self._applied > self._checkpoint_applied and time.monotonic() >= self._applied_due:
+                with self._checkpoint_lock:
+                    self._write_checkpoint_locked()
             if self.gap is not None:
                 with self._lock:
                     if self.gap is not None and self._fd is None and not self._stop.is_set():
@@ -712,24 +719,45 @@ class Journal:
         """Note that the volume durably holds every record through ``seq`` (called after a volume
         flush).  Not synced: a checkpoint lost in a crash only makes the redo replay more."""
         with self._checkpoint_lock:
-            if seq <= self._checkpoint:
-                return
-            self._checkpoint = seq
-            body = json.dumps({"journal": self.id, "seq": seq}).encode().ljust(CHECKPOINT_FILE_BYTES, b"\0")
+            if seq > self._checkpoint:
+                self._checkpoint = seq
+                self._write_checkpoint_locked()
+
+    def note_applied(self, seq: int) -> None:
+        """Note that every record through ``seq`` has been written to the volume (its page cache
+        at least: what a killed process leaves behind).  Saved by the commit thread about once a
+        second, so a daemon whose clients never flush still has a recent redo checkpoint; it
+        counts only while the machine has not restarted since (the boot id)."""
+        if seq > self._applied:
+            self._applied = seq
+
+    def _write_checkpoint_locked(self) -> None:
+        durable, applied = self._checkpoint, max(self._applied, self._checkpoint)
+        doc = {"journal": self.id, "seq": durable, "applied": applied, "boot_id": boot_id()}
+        body = json.dumps(doc).encode().ljust(CHECKPOINT_FILE_BYTES, b"\0")
+        try:
+            fd = os.open(self.directory / "checkpoint", os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
             try:
-                fd = os.open(self.directory / "checkpoint", os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
-                try:
-                    os.pwrite(fd, body, 0)
-                finally:
-                    os.close(fd)
-            except OSError as exc:  # a full disk: the redo after a crash replays more
-                log.debug("journal: checkpoint not saved: %s", exc)
+                os.pwrite(fd, body, 0)
+            finally:
+                os.close(fd)
+        except OSError as exc:  # a full disk: the redo after a crash replays more
+            log.debug("journal: checkpoint not saved: %s", exc)
+            return
+        self._checkpoint_applied = applied
+        self._applied_due = time.monotonic() + CHECKPOINT_EVERY
 
     def load_checkpoint(self) -> int:
-        """The newest saved checkpoint of this journal (0: none, replay everything kept)."""
+        """The newest record of this journal known to be on the volume (0: none, replay everything
+        kept): the durable checkpoint, or the applied one if the machine has not restarted since."""
         try:
             doc = json.loads((self.directory / "checkpoint").read_bytes().rstrip(b"\0"))
-            return int(doc["seq"]) if doc.get("journal") == self.id else 0
+            if doc.get("journal") != self.id:
+                return 0
+            durable = int(doc["seq"])
+            if doc.get("boot_id") and doc["boot_id"] == boot_id():
+                return max(durable, int(doc.get("applied", 0)))
+            return durable
         except (OSError, ValueError, KeyError, TypeError):
             return 0
 
@@ -963,6 +991,15 @@ class Journal:
             if self._staging is not None:
                 self._staging.close()
                 self._staging = None
+
+
+def boot_id() -> str:
+    """This boot of the machine ('' if unknown): what survives a killed process (the page cache)
+    does not survive a new one."""
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        return ""
 
 
 def _zero_tail(path: Path, end: int) -> None:

@@ -5,8 +5,9 @@ daemon killed between the two leaves records whose writes never reached the volu
 only the page cache of a machine that then stopped; a client may also never have seen them
 acknowledged.  Either way the journal would then describe writes the volume does not hold, and
 every later ``VOLUME@TIME`` would differ from what the volume really was.  Replaying, in order,
-every record after the volume's last checkpoint (the newest sequence number whose write was
-durable in the volume at a flush, :meth:`Journal.save_checkpoint`) makes the volume hold exactly
+every record after the volume's last checkpoint (:meth:`Journal.load_checkpoint`: the newest
+sequence number whose write was durable in the volume at a flush, or written to its page cache if
+the machine has not restarted since) makes the volume hold exactly
 what the journal says; writing a block again with the bytes the journal says it holds is
 harmless, so replaying too much is only slower.
 

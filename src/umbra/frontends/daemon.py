@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from umbra.cow.engine import CowVolume, SnapshotInfo
-from umbra.cow.journal import Journal, JournalGap
+from umbra.cow.journal import Journal, JournalGap, boot_id
 from umbra.cow.redo import replay_onto
 from umbra.cow.ship import Shipper
 from umbra.cow.store import DifferenceStore
@@ -133,7 +133,7 @@ class ProtectDaemon:
                 raise UsageError("shipping to a repository needs the journal (drop --no-journal)")
             marker_doc = {
                 "pid": os.getpid(),
-                "boot_id": _boot_id(),
+                "boot_id": boot_id(),
                 "journal": self.journal.id if self.journal else None,
             }
             (self.state / "running").write_text(json.dumps(marker_doc) + "\n")
@@ -270,7 +270,7 @@ class ProtectDaemon:
             log.warning(
                 "journal: replayed %d writes (%d bytes) onto the volume after the crash", redo.records, redo.bytes
             )
-        if marker.get("boot_id") != _boot_id() and not self.opts.sync:
+        if marker.get("boot_id") != boot_id() and not self.opts.sync:
             journal.mark_gap(
                 "the machine stopped while the volume was protected (power loss or kernel crash): "
                 "writes not yet durable in the journal may be missing from it"
@@ -496,13 +496,6 @@ def _read_marker(path: Path) -> dict[str, Any] | None:
     except ValueError:
         doc = None
     return doc if isinstance(doc, dict) else {"pid": text.strip()}  # before 2026-12: no journal named
-
-
-def _boot_id() -> str:
-    try:
-        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
-    except OSError:
-        return ""
 
 
 def _gap_doc(gap: JournalGap | None) -> dict[str, Any] | None:
