@@ -29,12 +29,14 @@ def _loop_ok() -> bool:
     return subprocess.run(["losetup", "-f"], capture_output=True, check=False).returncode == 0
 
 
+FAKETIME_LIB = "/usr/lib/x86_64-linux-gnu/faketime/libfaketimeMT.so.1"  # Debian package libfaketime
 CAPABILITIES = {
     "root": os.geteuid() == 0,
     "loop": _loop_ok(),
     "mkfs.ext4": shutil.which("mkfs.ext4") is not None,
     "debugfs": shutil.which("debugfs") is not None,
     "dumpe2fs": shutil.which("dumpe2fs") is not None,
+    "libfaketime": os.path.exists(FAKETIME_LIB),
 }
 
 

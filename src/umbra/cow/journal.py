@@ -72,6 +72,7 @@ GAP_FILE_BYTES = 4096  # the gap file's fixed size: rewritten in place, so a ful
 RECYCLE_KEEP = 2  # dropped segment files kept for reuse (direct appends)
 RECYCLE_NAME = re.compile(r"^recycle-(\d{16})\.ucj$")
 RETRY_FIRST, RETRY_MAX = 1.0, 60.0  # seconds between attempts to end a gap
+CLOCK_STEP_NS = 1_000_000_000  # the wall clock moving this much against boot time is a step
 CHECKPOINT_EVERY = 1.0  # seconds between saves of the applied checkpoint (note_applied)
 
 log = logging.getLogger(__name__)
@@ -204,6 +205,7 @@ class Journal:
         self._applied_due = 0.0  # monotonic time after which the commit thread saves it again
         self._recycled: list[Path] = []  # dropped segment files to overwrite instead of extending new ones
         self._cut: tuple[Path, int] | None = None  # a tail the failed segment still needs cleared
+        self._clock_offset: int | None = None  # wall clock minus boot-time clock at the last record
 
     # --- opening and recovery ----------------------------------------------------------------
 
@@ -507,6 +509,9 @@ class Journal:
             if self.gap is not None and not self._resume():
                 return self._tick(), 0
             try:
+                step = self._clock_step()
+                if step is not None:
+                    self._append_locked(MARK, 0, 0, json.dumps(step).encode())
                 now, ticket = self._append_locked(kind, offset, length, data)
             except OSError as exc:
                 self._enter_gap(exc)
@@ -514,6 +519,20 @@ class Journal:
         if self.sync:
             self.commit()
         return now, ticket
+
+    def _clock_step(self) -> dict[str, Any] | None:
+        """A ``clock`` mark if the wall clock moved against the boot-time clock (which only moves
+        forward, through suspends too) by more than CLOCK_STEP_NS since the last record: someone set
+        the clock, or NTP stepped it.  Records keep growing times (``_tick``); the mark keeps the
+        raw clock, so the journal says why its times and the wall clock disagree."""
+        raw, boot = time.time_ns(), time.clock_gettime_ns(time.CLOCK_BOOTTIME)
+        offset, previous = raw - boot, self._clock_offset
+        self._clock_offset = offset
+        if previous is None or abs(offset - previous) <= CLOCK_STEP_NS:
+            return None
+        step = offset - previous
+        log.warning("journal: the wall clock stepped %+.3f s; record times stay in order", step / 1e9)
+        return {"kind": "clock", "name": "step", "raw_ns": raw, "step_ns": step}
 
     def _tick(self) -> int:
         """The next timestamp: wall-clock nanoseconds, forced to grow."""

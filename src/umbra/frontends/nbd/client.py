@@ -68,7 +68,11 @@ class NbdSource:
             view = view[got:]
 
     def read_at(self, offset: int, length: int) -> bytes:
-        return next(self.read_many([(offset, length)]))
+        reads = self.read_many([(offset, length)])
+        try:
+            return next(reads)
+        finally:
+            reads.close()  # releases the connection's lock now, not when the generator is collected
 
     def read_many(self, ranges: Iterable[tuple[int, int]]) -> Iterator[bytes]:
         """The data of each ``(offset, length)`` range, in order, with up to MAX_IN_FLIGHT requests
