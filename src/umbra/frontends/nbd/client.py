@@ -13,7 +13,7 @@ import socket
 import struct
 import threading
 from collections import deque
-from collections.abc import Iterable, Iterator
+from collections.abc import Generator, Iterable, Iterator
 from dataclasses import dataclass
 from urllib.parse import parse_qs, unquote, urlparse
 
@@ -74,7 +74,7 @@ class NbdSource:
         finally:
             reads.close()  # releases the connection's lock now, not when the generator is collected
 
-    def read_many(self, ranges: Iterable[tuple[int, int]]) -> Iterator[bytes]:
+    def read_many(self, ranges: Iterable[tuple[int, int]]) -> Generator[bytes, None, None]:
         """The data of each ``(offset, length)`` range, in order, with up to MAX_IN_FLIGHT requests
         (MAX_IN_FLIGHT_BYTES) sent ahead; replies may come in any order (matched by cookie)."""
         with self._lock:
