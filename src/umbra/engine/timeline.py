@@ -63,8 +63,8 @@ class Event:
 
 
 def timeline(repo: Repository, volume: str) -> tuple[list[Event], dict[str, Any]]:
-    """Points, shipped bookmarks and journal gaps of ``volume``, oldest first; and the journal's
-    shipped span."""
+    """Points, shipped bookmarks, journal gaps and clock steps of ``volume``, oldest first; and the
+    journal's shipped span."""
     points, _ = repo.scan_points(volume)
     events = [
         Event(p.state_time_ns, "point", p.id, p.consistency or "crash-consistent", {"type": p.type, "tags": p.tags})
@@ -91,6 +91,19 @@ def timeline(repo: Repository, volume: str) -> tuple[list[Event], dict[str, Any]
                     )
                     if event not in events:
                         events.append(event)
+                step = cdp.clock_step_of(record)
+                if step is not None:
+                    detail = {
+                        "journal": journal,
+                        "seq": record.seq,
+                        "raw_ns": step.get("raw_ns"),
+                        "step_ns": step["step_ns"],
+                    }
+                    event = Event(
+                        record.time_ns, "clock", f"the wall clock stepped {_seconds(step['step_ns'])}", "-", detail
+                    )
+                    if event not in events:
+                        events.append(event)
                 mark = cdp.bookmark_of(record)
                 if mark is not None:
                     detail = {"journal": journal, "seq": mark.get("seq"), "set_id": mark.get("set_id")}
@@ -101,3 +114,14 @@ def timeline(repo: Repository, volume: str) -> tuple[list[Event], dict[str, Any]
                         events.append(event)
     events.sort(key=lambda e: (e.time_ns, e.kind))
     return events, span
+
+
+def _seconds(ns: int) -> str:
+    """A clock step for people, to the second: ``-1 h``, ``+1 d 1 h``."""
+    sign, rest = ("-" if ns < 0 else "+"), round(abs(ns) / 1e9)
+    units = []
+    for size, unit in ((86400, "d"), (3600, "h"), (60, "min"), (1, "s")):
+        count, rest = divmod(rest, size)
+        if count:
+            units.append(f"{count} {unit}")
+    return sign + (" ".join(units) or "0 s")

@@ -155,6 +155,14 @@ def bookmark_of(record: CdpRecord) -> dict[str, Any] | None:
     return None
 
 
+def clock_step_of(record: CdpRecord) -> dict[str, Any] | None:
+    """The mark of a clock step (``step_ns``: how far the wall clock moved, ``raw_ns``: the wall
+    clock then; the record's own time is the journal's, which never goes back), else None."""
+    if record.kind == MARK and record.mark.get("kind") == "clock" and "step_ns" in record.mark:
+        return record.mark
+    return None
+
+
 def referenced_blobs(batch: Batch) -> Iterator[bytes]:
     for record in batch.records:
         for blob_id, _ in record.pieces:
