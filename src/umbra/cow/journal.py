@@ -206,6 +206,7 @@ class Journal:
         self._recycled: list[Path] = []  # dropped segment files to overwrite instead of extending new ones
         self._cut: tuple[Path, int] | None = None  # a tail the failed segment still needs cleared
         self._clock_offset: int | None = None  # wall clock minus boot-time clock at the last record
+        self._boot_id = boot_id()  # for the applied checkpoint
 
     # --- opening and recovery ----------------------------------------------------------------
 
@@ -752,7 +753,7 @@ class Journal:
 
     def _write_checkpoint_locked(self) -> None:
         durable, applied = self._checkpoint, max(self._applied, self._checkpoint)
-        doc = {"journal": self.id, "seq": durable, "applied": applied, "boot_id": boot_id()}
+        doc = {"journal": self.id, "seq": durable, "applied": applied, "boot_id": self._boot_id}
         body = json.dumps(doc).encode().ljust(CHECKPOINT_FILE_BYTES, b"\0")
         try:
             fd = os.open(self.directory / "checkpoint", os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
