@@ -145,7 +145,7 @@ class ExactReader(asyncio.BufferedProtocol):
         hand it back with :meth:`release` once done with it."""
         avail = self._end - self._start
         if avail >= n:
-            data = bytes(self._buf[self._start : self._start + n])
+            data = self._take(n)
             self._consumed(n)
             return data
         if n >= DIRECT_MIN:
@@ -155,7 +155,8 @@ class ExactReader(asyncio.BufferedProtocol):
                 self._pool_bytes -= n
             else:
                 out = mmap.mmap(-1, n)
-            out[:avail] = self._buf[self._start : self._end]
+            with memoryview(self._buf) as view:  # no intermediate copy; released before the buffer can grow
+                out[:avail] = view[self._start : self._end]
             self._consumed(avail)
             self._target, self._filled, self._want = out, avail, n
             try:
@@ -171,9 +172,14 @@ class ExactReader(asyncio.BufferedProtocol):
             partial = bytes(self._buf[self._start : self._end])
             self._consumed(len(partial))
             raise asyncio.IncompleteReadError(partial, n)
-        data = bytes(self._buf[self._start : self._start + n])
+        data = self._take(n)
         self._consumed(n)
         return data
+
+    def _take(self, n: int) -> bytes:
+        """The next ``n`` unread bytes, copied once."""
+        with memoryview(self._buf) as view:
+            return bytes(view[self._start : self._start + n])
 
     def release(self, payload: bytes) -> None:
         """``payload`` (from ``readexactly``) is no longer used by anyone: reuse its buffer."""
