@@ -75,6 +75,7 @@ def serve_umbra(image: Path, state: Path, *extra: str) -> subprocess.Popen[bytes
         [*UMBRA, "protect", str(image), "--name", "b", "--state", str(state), *extra], stdout=subprocess.DEVNULL
     )
     wait_socket(state / "control.sock", proc)
+    wait_socket(state / "volume.json", proc)  # written once every front end is up (the loop device last)
     time.sleep(0.3)
     return proc
 

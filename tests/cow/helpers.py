@@ -2,7 +2,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from umbra.cow.engine import CowVolume
+from umbra.cow.engine import CowVolume, WriteLog
 from umbra.cow.store import DifferenceStore
 from umbra.cow.tracking import ChangeTracker
 from umbra.volume.backing import open_backing
@@ -16,6 +16,8 @@ def make_volume(
     limit: int = 1 << 30,
     content: bytes | None = None,
     tracking: bool = True,
+    journal: WriteLog | None = None,
+    **engine: float,
 ) -> CowVolume:
     image = tmp_path / "vol.img"
     if content is None:
@@ -28,4 +30,4 @@ def make_volume(
     spill.mkdir(exist_ok=True)
     store = DifferenceStore(chunk, spill, memory_limit=memory_limit, limit=limit)
     tracker = ChangeTracker(-(-size // chunk)) if tracking else None
-    return CowVolume(open_backing(str(image)), store, chunk, tracker=tracker, name="v")
+    return CowVolume(open_backing(str(image)), store, chunk, tracker=tracker, journal=journal, name="v", **engine)  # type: ignore[arg-type]

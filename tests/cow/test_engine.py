@@ -247,21 +247,39 @@ def test_backing_is_held_exclusively(tmp_path: Path) -> None:
     vol.backing.close()
 
 
-def test_sync_mode_and_fua_make_writes_durable_before_they_return(tmp_path: Path) -> None:
+def test_fua_and_sync_mode_make_the_journal_durable_and_checkpoints_the_volume(tmp_path: Path) -> None:
+    """With a journal recording, a flush (FUA, every write with --sync) makes only the journal
+    durable: a redo replays it onto the volume after a crash.  A checkpoint makes both durable,
+    the journal first, and moves the point the redo starts from."""
     from umbra.cow.journal import Journal
 
-    vol = make_volume(tmp_path, 8 * CHUNK, CHUNK)
-    vol.journal = Journal.open(tmp_path / "journal", vol.size, commit_interval=3600)  # no background commits
+    journal = Journal.open(tmp_path / "journal", 8 * CHUNK, commit_interval=3600)  # no background commits
+    vol = make_volume(tmp_path, 8 * CHUNK, CHUNK, journal=journal, checkpoint_interval=3600)
     calls: list[str] = []
-    real_flush, real_commit = vol.backing.flush, vol.journal.commit
+    real_flush, real_commit = vol.backing.flush, journal.commit
     vol.backing.flush = lambda: (calls.append("volume"), real_flush())[1]  # type: ignore[method-assign]
-    vol.journal.commit = lambda: (calls.append("journal"), real_commit())[1]  # type: ignore[method-assign]
+    journal.commit = lambda: (calls.append("journal"), real_commit())[1]  # type: ignore[method-assign]
     vol.write(0, b"a" * CHUNK)
     assert calls == []  # group commit: not yet
     vol.write(0, b"b" * CHUNK, fua=True)
-    assert calls == ["journal", "volume"]
+    assert calls == ["journal"] and journal.durable_seq == journal.last_seq
     vol.sync = True
     vol.zero(0, CHUNK)
     vol.write(CHUNK, b"c")
-    assert calls == ["journal", "volume"] * 3
-    vol.journal.close()
+    assert calls == ["journal"] * 3
+    assert journal.checkpoint_seq == 0
+    vol.checkpoint()
+    assert calls == ["journal"] * 4 + ["volume"]
+    assert journal.checkpoint_seq == journal.last_seq == 4
+    vol.stop()
+    journal.close()
+
+
+def test_without_a_journal_a_flush_makes_the_volume_durable(tmp_path: Path) -> None:
+    vol = make_volume(tmp_path, 8 * CHUNK, CHUNK)
+    calls: list[str] = []
+    real_flush = vol.backing.flush
+    vol.backing.flush = lambda: (calls.append("volume"), real_flush())[1]  # type: ignore[method-assign]
+    vol.write(0, b"a" * CHUNK, fua=True)
+    vol.flush()
+    assert calls == ["volume", "volume"]

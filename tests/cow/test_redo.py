@@ -46,7 +46,7 @@ def _crashed_volume(tmp_path: Path, seed: int) -> tuple[Path, bytes, int]:
         else:
             volume.write(offset, rng.randbytes(rng.choice([512, 4096, 9000])))
         if i == 40:
-            volume.flush()
+            volume.checkpoint()
     checkpoint = journal.load_checkpoint()
     for _ in range(5):  # the daemon died after journaling these and before writing the volume
         offset = rng.randrange(SIZE - 4096)
@@ -118,16 +118,16 @@ def test_the_checkpoint_moves_while_writes_stay_in_flight(tmp_path: Path) -> Non
     first, first_seq = slow_write(8192)
     for k in range(5):  # later writes finish while the slow one is still in flight
         volume.write(65536 + k * 4096, b"b" * 4096)
-    volume.flush()
+    volume.checkpoint()
     assert journal.load_checkpoint() == first_seq - 1
     second, second_seq = slow_write(16384)  # in flight before the first one ends: never quiet
     gates[8192][1].set()
     first.join(10)
-    volume.flush()
+    volume.checkpoint()
     assert journal.load_checkpoint() == second_seq - 1
     gates[16384][1].set()
     second.join(10)
-    volume.flush()
+    volume.checkpoint()
     assert journal.load_checkpoint() == journal.last_seq
     journal.close()
 
@@ -173,4 +173,127 @@ def test_a_killed_daemon_whose_clients_never_flushed_replays_only_the_tail(
         json.dumps({"journal": journal.id, "seq": 0, "applied": applied, "boot_id": "an-earlier-boot"}).encode()
     )
     assert journal.load_checkpoint() == 0  # the page cache it counted on is gone
+    journal.close()
+
+
+def test_flushed_writes_survive_a_power_loss_through_the_journal_alone(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A flush makes only the journal durable.  A power loss then drops the volume's writes since
+    its last checkpoint (emulated: the image goes back to its bytes at the checkpoint, and the
+    machine has a new boot id); the redo brings every flushed write back."""
+    rng = random.Random(5)
+    journal = Journal.open(tmp_path / "j", SIZE, resume_free=0)
+    volume = make_volume(tmp_path, SIZE, journal=journal, checkpoint_interval=3600)
+    image = tmp_path / "vol.img"
+    initial = image.read_bytes()
+    volume_flushes = []
+    real_flush = volume.backing.flush
+    volume.backing.flush = lambda: (volume_flushes.append(1), real_flush())[1]  # type: ignore[method-assign]
+    for _ in range(20):
+        volume.write(rng.randrange(SIZE - 4096), rng.randbytes(4096))
+    volume.checkpoint()
+    on_disk = image.read_bytes()  # what the device holds durably from here on
+    for i in range(40):
+        volume.write(rng.randrange(SIZE - 9000), rng.randbytes(rng.choice([512, 9000])), fua=i % 7 == 0)
+    volume.flush()
+    assert len(volume_flushes) == 1, "the flushes after the checkpoint synced only the journal"
+    flushed = image.read_bytes()
+    journal.close()
+    volume.backing.close()
+
+    image.write_bytes(on_disk)  # the power loss: the page cache never reached the device
+    monkeypatch.setattr(journal_module, "boot_id", lambda: "the-next-boot")
+    journal = Journal.open(tmp_path / "j", SIZE)
+    assert _replayed(initial, journal) == flushed
+    backing = open_backing(str(image))
+    try:
+        result = replay_onto(journal, backing)
+    finally:
+        backing.close()
+    assert result.records == 40
+    assert image.read_bytes() == flushed
+    journal.close()
+
+
+def test_checkpoints_in_the_background_by_bytes_and_by_time(tmp_path: Path) -> None:
+    journal = Journal.open(tmp_path / "j", SIZE, resume_free=0)
+    volume = make_volume(tmp_path, SIZE, journal=journal, checkpoint_interval=3600, checkpoint_bytes=64 * 1024)
+    for k in range(16):
+        volume.write(k * 4096, b"x" * 4096)
+    deadline = time.monotonic() + 10
+    while journal.checkpoint_seq < 16 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert journal.checkpoint_seq == 16 and volume.checkpoints == 1
+    volume.checkpoint_bytes, volume.checkpoint_interval = 1 << 40, 0.2
+    volume.checkpoint()  # (the interval starts now)
+    volume.write(0, b"y")
+    while journal.checkpoint_seq < 17 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert journal.checkpoint_seq == 17
+    time.sleep(1.2)  # nothing written since: no more checkpoints
+    assert volume.checkpoints == 3
+    volume.stop()
+    journal.close()
+
+
+def test_segments_the_volume_may_still_need_are_kept_past_the_limit(tmp_path: Path) -> None:
+    """``--journal-max`` drops old segments, but never records past the volume's durable
+    checkpoint: a redo may need them.  After a checkpoint the limit holds again."""
+    journal = Journal.open(tmp_path / "j", SIZE, resume_free=0, segment_bytes=64 * 1024, max_bytes=256 * 1024)
+    volume = make_volume(tmp_path, SIZE, journal=journal, checkpoint_interval=3600)
+    volume.checkpoint()
+    rng = random.Random(6)
+    for _ in range(200):  # ~800 KiB of records
+        volume.write(rng.randrange(SIZE - 4096), rng.randbytes(4096))
+    volume.flush()
+    assert journal.stats().bytes > 512 * 1024
+    assert next(iter(journal.records(with_data=False))).seq == 1  # everything since the checkpoint
+    volume.checkpoint()
+    volume.write(0, b"z" * 70000)  # the next segment switch drops what the checkpoint covers
+    assert journal.stats().bytes <= 256 * 1024 + 70000 + 4096
+    assert next(iter(journal.records(with_data=False))).seq > 1
+    volume.stop()
+    journal.close()
+
+
+def test_a_gap_makes_the_volume_durable_before_any_unjournaled_write(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A redo never replays across a gap, so writes flushed through the journal alone must be
+    durable in the volume before the gap begins; until a checkpoint passes the gap's mark,
+    flushes sync the volume again."""
+    monkeypatch.setattr(journal_module, "RETRY_FIRST", 0.0)
+    journal = Journal.open(tmp_path / "j", SIZE, resume_free=0)
+    volume = make_volume(tmp_path, SIZE, journal=journal, checkpoint_interval=3600)
+    events: list[str] = []
+    real_flush, real_pwrite = volume.backing.flush, volume.backing.pwrite
+    volume.backing.flush = lambda: (events.append("volume flush"), real_flush())[1]  # type: ignore[method-assign]
+    volume.backing.pwrite = lambda data, offset: (events.append(f"write {offset}"), real_pwrite(data, offset))[1]  # type: ignore[method-assign]
+    volume.checkpoint()
+    volume.write(4096, b"a" * 4096)
+    volume.flush()
+    assert events == ["volume flush", "write 4096"]  # the flush: the journal alone
+    real_writev, failed = journal_module.os.writev, []
+
+    def writev(fd: int, buffers: list[bytes]) -> int:
+        if not failed:
+            failed.append(fd)
+            raise OSError(5, "Input/output error")
+        return real_writev(fd, buffers)
+
+    monkeypatch.setattr(journal_module.os, "writev", writev)
+    volume.write(8192, b"b" * 4096)  # the journal fails: a gap, this write unjournaled
+    assert failed and journal.gap is not None
+    assert events[2:] == ["volume flush", "write 8192"], "the volume was durable before the gap's first write"
+    assert journal.checkpoint_seq == 1 and not journal.covers_volume()
+    volume.write(12288, b"c" * 4096)  # the journal writes again: first its gap mark
+    assert journal.gap is None and not journal.covers_volume()
+    volume.flush()  # a checkpoint past the mark
+    assert events[-1] == "volume flush" and journal.covers_volume()
+    events.clear()
+    volume.write(0, b"d")
+    volume.flush()
+    assert events == ["write 0"]
+    volume.stop()
     journal.close()

@@ -6,6 +6,12 @@ every snapshot that still protects that chunk.  A snapshot reads its copies wher
 the live volume elsewhere; chunks it does not protect (unused by the filesystem when the snapshot
 was taken, or released after a backup read them) read as zeros.
 
+Durability: with a journal recording, a flush makes only the journal durable; the volume's own
+writes are made durable at checkpoints (every CHECKPOINT_INTERVAL seconds, or after
+CHECKPOINT_BYTES of writes, by a thread of the engine), and a crash in between is repaired by
+replaying the journal from the last checkpoint (:mod:`umbra.cow.redo`), as a database does with
+its write-ahead log.  So a synced write costs one device write, not two.
+
 Concurrency: any number of threads may read and write.  Metadata changes happen under one lock;
 data moves outside it.  Creating a snapshot raises a barrier: new writes wait and writes in flight
 drain, so a snapshot is one instant.  A snapshot read checks for a copy again after reading the
@@ -15,6 +21,7 @@ live volume, because a write may have preserved and overwritten the chunk in bet
 from __future__ import annotations
 
 import base64
+import logging
 import threading
 import time
 import zlib
@@ -30,6 +37,11 @@ from umbra.volume.backing import Backing
 from umbra.volume.extents import Extent
 
 MIN_CHUNK = 512
+CHECKPOINT_INTERVAL = 30.0  # seconds: the kernel writes dirty pages back after 30 s anyway
+CHECKPOINT_BYTES = 1 << 30  # written since the last checkpoint: bounds the redo after a crash
+CHECKPOINT_POLL = 0.5
+
+log = logging.getLogger(__name__)
 SNAPSHOT_NAME_CHARS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._-")
 
 
@@ -51,8 +63,12 @@ class WriteLog(Protocol):
     def commit(self) -> None: ...
     def save_checkpoint(self, seq: int) -> None: ...
     def note_applied(self, seq: int) -> None: ...
+    def covers_volume(self) -> bool: ...
     @property
     def last_seq(self) -> int: ...
+
+    keeps_redo: bool
+    before_gap: Callable[[], None] | None
 
 
 @dataclass
@@ -88,6 +104,8 @@ class CowVolume:
         journal: WriteLog | None = None,
         name: str = "volume",
         sync: bool = False,
+        checkpoint_interval: float = CHECKPOINT_INTERVAL,
+        checkpoint_bytes: int = CHECKPOINT_BYTES,
     ) -> None:
         if chunk_size < MIN_CHUNK or chunk_size & (chunk_size - 1):
             raise UsageError(f"chunk size must be a power of two of at least {MIN_CHUNK} bytes")
@@ -109,6 +127,19 @@ class CowVolume:
         self._quiet_seq = journal.last_seq if journal is not None else 0
         self.writes = 0
         self.bytes_written = 0
+        self.checkpoint_interval = checkpoint_interval
+        self.checkpoint_bytes = checkpoint_bytes
+        self.checkpoints = 0
+        self._checkpoint_lock = threading.Lock()
+        self._checkpointed_bytes = 0  # bytes_written at the last checkpoint
+        self._checkpoint_due = time.monotonic() + checkpoint_interval
+        self._stopping = threading.Event()
+        self._checkpointer: threading.Thread | None = None
+        if journal is not None:
+            journal.keeps_redo = True
+            journal.before_gap = self._before_gap
+            self._checkpointer = threading.Thread(target=self._checkpoint_loop, name="umbra-checkpoint", daemon=True)
+            self._checkpointer.start()
 
     # --- live volume -------------------------------------------------------------------------
 
@@ -143,13 +174,53 @@ class CowVolume:
             self.flush()
 
     def flush(self) -> None:
-        """Make every acknowledged write durable: journal first, then the volume."""
-        seq = self._quiet_seq
-        if self.journal is not None:
+        """Make every acknowledged write durable: the journal alone while a redo can replay it
+        onto the volume (:meth:`WriteLog.covers_volume`), else a checkpoint."""
+        if self.journal is not None and self.journal.covers_volume():
             self.journal.commit()
+            if self.journal.covers_volume():  # (a failed commit enters a gap)
+                return
+        self.checkpoint()
+
+    def checkpoint(self) -> None:
+        """Make the volume durable: journal first, then the volume, then the journal's checkpoint
+        (the redo after a crash starts there)."""
+        with self._checkpoint_lock:
+            seq, written = self._quiet_seq, self.bytes_written
+            if self.journal is not None:
+                self.journal.commit()
+            self.backing.flush()
+            if self.journal is not None:
+                self.journal.save_checkpoint(seq)
+            self._checkpointed_bytes = written
+            self._checkpoint_due = time.monotonic() + self.checkpoint_interval
+            self.checkpoints += 1
+
+    def _before_gap(self) -> None:
+        """The journal is about to stop recording (its lock held, so no journal calls here): make
+        the volume durable before any unjournaled write reaches it, since a redo never replays
+        across a gap."""
+        seq = self._quiet_seq
         self.backing.flush()
-        if self.journal is not None:
-            self.journal.save_checkpoint(seq)
+        assert self.journal is not None
+        self.journal.save_checkpoint(seq)
+
+    def _checkpoint_loop(self) -> None:
+        while not self._stopping.wait(CHECKPOINT_POLL):
+            written = self.bytes_written - self._checkpointed_bytes
+            if written >= self.checkpoint_bytes or (written and time.monotonic() >= self._checkpoint_due):
+                try:
+                    self.checkpoint()
+                except Exception:  # the next flush or checkpoint tries again
+                    log.exception("cow: checkpoint of %s failed", self.name)
+
+    def stop(self) -> None:
+        """Stop the background checkpoints and take a last one (before a clean shutdown)."""
+        self._stopping.set()
+        if self._checkpointer is not None:
+            self._checkpointer.join()
+            self._checkpointer = None
+        self.checkpoint()
 
     def _begin_write(
         self, offset: int, length: int, data: bytes | memoryview | None
@@ -399,4 +470,5 @@ class CowVolume:
                 self._snaps[snap.name] = snap
 
     def close(self, keep_store: bool = False) -> None:
+        self._stopping.set()
         self.store.close(keep=keep_store)

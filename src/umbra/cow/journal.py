@@ -7,7 +7,13 @@ grow by one and timestamps never decrease (``time_ns`` forced monotonic), across
 
 Durability: records are written (``writev``) before the write is acknowledged.  By default a
 background thread makes them durable every ``commit_interval`` seconds (group commit); ``commit``
-makes them durable at once (NBD FLUSH and FUA, and every write with ``--sync``).
+makes them durable at once (NBD FLUSH and FUA, and every write with ``--sync``).  For the cow
+engine the journal is the volume's write-ahead log: while :meth:`Journal.covers_volume`, a flush
+makes only the journal durable and the volume itself is made durable at checkpoints
+(:meth:`Journal.save_checkpoint`); after a crash the records past the last checkpoint are replayed
+onto it (:mod:`umbra.cow.redo`).  So segments holding such records are never dropped, and
+``before_gap`` (the engine's checkpoint) runs before a gap is entered, while nothing unjournaled
+has reached the volume yet.
 
 With ``direct``, an append only queues the record (under the lock, no copy); the caller then
 waits for it with :meth:`Journal.wait_written` *after* releasing its own locks, and the first
@@ -43,7 +49,7 @@ import shutil
 import struct
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -207,6 +213,12 @@ class Journal:
         self._cut: tuple[Path, int] | None = None  # a tail the failed segment still needs cleared
         self._clock_offset: int | None = None  # wall clock minus boot-time clock at the last record
         self._boot_id = boot_id()  # for the applied checkpoint
+        # a volume relies on the journal for its durability between checkpoints (the cow engine
+        # sets these): segments with records past the durable checkpoint are kept, and a durable
+        # checkpoint must have passed this seq (the last gap mark) before the journal alone covers
+        self.keeps_redo = False
+        self.before_gap: Callable[[], None] | None = None
+        self._redo_floor = 0
 
     # --- opening and recovery ----------------------------------------------------------------
 
@@ -216,6 +228,8 @@ class Journal:
         journal = cls(directory, volume_size, **options)  # type: ignore[arg-type]
         journal._recover()
         journal._load_id()
+        journal._checkpoint = journal._saved_checkpoint()
+        journal._redo_floor = journal.last_seq  # what a crash before now left: a checkpoint covers it first
         with journal._lock:
             journal._load_gap()
             if journal.gap is None:
@@ -432,6 +446,8 @@ class Journal:
             return False
         if self.keep_after is not None and self._segments[1].first_seq - 1 > self.keep_after:
             return False
+        if self.keeps_redo and self._segments[1].first_seq - 1 > self._checkpoint:
+            return False  # the volume may not hold its records durably yet (redo needs them)
         oldest = self._segments.pop(0)
         size = oldest.path.stat().st_size
         self._stats.bytes -= size
@@ -770,16 +786,41 @@ class Journal:
     def load_checkpoint(self) -> int:
         """The newest record of this journal known to be on the volume (0: none, replay everything
         kept): the durable checkpoint, or the applied one if the machine has not restarted since."""
+        doc = self._checkpoint_doc()
+        if doc is None:
+            return 0
         try:
-            doc = json.loads((self.directory / "checkpoint").read_bytes().rstrip(b"\0"))
-            if doc.get("journal") != self.id:
-                return 0
             durable = int(doc["seq"])
             if doc.get("boot_id") and doc["boot_id"] == boot_id():
                 return max(durable, int(doc.get("applied", 0)))
             return durable
-        except (OSError, ValueError, KeyError, TypeError):
+        except (ValueError, KeyError, TypeError):
             return 0
+
+    def _saved_checkpoint(self) -> int:
+        """The durable checkpoint saved for this journal (0: none)."""
+        try:
+            return int((self._checkpoint_doc() or {}).get("seq", 0))
+        except (ValueError, TypeError):
+            return 0
+
+    def _checkpoint_doc(self) -> dict[str, Any] | None:
+        try:
+            doc = json.loads((self.directory / "checkpoint").read_bytes().rstrip(b"\0"))
+        except (OSError, ValueError):
+            return None
+        return doc if isinstance(doc, dict) and doc.get("journal") == self.id else None
+
+    def covers_volume(self) -> bool:
+        """Whether the volume's acknowledged writes are durable once the journal is (a flush then
+        needs only :meth:`commit`): the journal is recording, and no gap lies between the durable
+        checkpoint and now, so a redo after a crash can replay every record since."""
+        return self.gap is None and self._checkpoint >= self._redo_floor
+
+    @property
+    def checkpoint_seq(self) -> int:
+        """The durable checkpoint: every record through it is durable in the volume."""
+        return self._checkpoint
 
     # --- gaps ----------------------------------------------------------------------------------
 
@@ -788,6 +829,11 @@ class Journal:
         under way (by the writer whose write failed, or holding the io lock).  The records that
         are whole in the file stay (their writes go on, so they are true); the rest of the open
         segment is cut, every waiter is released, and :meth:`_resume` is tried later."""
+        if self.gap is None and self.before_gap is not None:
+            try:  # the volume durable now: a redo will not replay across the gap
+                self.before_gap()
+            except Exception:
+                log.exception("journal: the volume's checkpoint before a gap failed")
         self._queued = []
         self._on_file = self._durable = self._written
         self._cond.notify_all()
@@ -876,6 +922,7 @@ class Journal:
             os.fdatasync(self._fd)
             self._durable = self._written
             self.durable_seq = self._next_seq - 1
+            self._redo_floor = self.durable_seq  # a redo cannot replay across the mark
         except OSError as exc:
             self._enter_gap(exc)
             return False

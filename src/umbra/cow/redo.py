@@ -4,12 +4,13 @@ The journal is write-ahead: a write's record is in the journal file before the v
 daemon killed between the two leaves records whose writes never reached the volume, or reached
 only the page cache of a machine that then stopped; a client may also never have seen them
 acknowledged.  Either way the journal would then describe writes the volume does not hold, and
-every later ``VOLUME@TIME`` would differ from what the volume really was.  Replaying, in order,
-every record after the volume's last checkpoint (:meth:`Journal.load_checkpoint`: the newest
-sequence number whose write was durable in the volume at a flush, or written to its page cache if
-the machine has not restarted since) makes the volume hold exactly
-what the journal says; writing a block again with the bytes the journal says it holds is
-harmless, so replaying too much is only slower.
+every later ``VOLUME@TIME`` would differ from what the volume really was.  And since a flush
+makes only the journal durable (the engine syncs the volume at checkpoints), a power loss can
+take from the volume writes that clients saw flushed.  Replaying, in order, every record after
+the volume's last checkpoint (:meth:`Journal.load_checkpoint`: the newest sequence number whose
+write was durable in the volume at a checkpoint, or written to its page cache if the machine has
+not restarted since) makes the volume hold exactly what the journal says; writing a block again
+with the bytes the journal says it holds is harmless, so replaying too much is only slower.
 
 A replay is not safe across a gap: writes made while the journal was not recording would be
 overwritten by older journaled ones.  Then nothing is replayed and the caller is told so.

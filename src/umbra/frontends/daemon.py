@@ -28,13 +28,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from umbra.cow.engine import CowVolume, SnapshotInfo
+from umbra.cow.engine import CHECKPOINT_BYTES, CowVolume, SnapshotInfo
 from umbra.cow.journal import Journal, JournalGap, boot_id
 from umbra.cow.redo import replay_onto
 from umbra.cow.ship import Shipper
 from umbra.cow.store import DifferenceStore
 from umbra.cow.tracking import ChangeTracker
-from umbra.errors import ProtectError, UmbraError, UsageError
+from umbra.errors import JournalCorrupt, ProtectError, UmbraError, UsageError
 from umbra.frontends.control import MAX_LINE, encode_error
 from umbra.frontends.exports import exports_of
 from umbra.frontends.nbd.server import NbdServer
@@ -131,6 +131,8 @@ class ProtectDaemon:
                     self.shipper = Shipper(self.journal, opts.repo, opts.name, interval=opts.ship_interval)
             elif opts.repo is not None:
                 raise UsageError("shipping to a repository needs the journal (drop --no-journal)")
+            elif marker is not None and marker.get("journal"):
+                self._redo_without_journaling(marker["journal"])
             marker_doc = {
                 "pid": os.getpid(),
                 "boot_id": boot_id(),
@@ -142,8 +144,18 @@ class ProtectDaemon:
                 store = DifferenceStore.reopen(kept["store"], self.state, opts.memory_limit, limit)
             else:
                 store = DifferenceStore(opts.chunk_size, self.state, opts.memory_limit, limit)
+            checkpoint_bytes = CHECKPOINT_BYTES
+            if opts.journal_max:  # records past the checkpoint are kept: checkpoint well before the limit
+                checkpoint_bytes = min(checkpoint_bytes, max(opts.journal_max // 2, 1 << 20))
             self.volume = CowVolume(
-                self.backing, store, opts.chunk_size, self.tracker, self.journal, opts.name, sync=opts.sync
+                self.backing,
+                store,
+                opts.chunk_size,
+                self.tracker,
+                self.journal,
+                opts.name,
+                sync=opts.sync,
+                checkpoint_bytes=checkpoint_bytes,
             )
             if kept is not None:
                 self.volume.import_snapshots(kept["snapshots"])
@@ -211,7 +223,7 @@ class ProtectDaemon:
         """Clean shutdown: everything durable, tracking saved, the running marker removed."""
         if self.volume is None:
             return
-        self.volume.flush()
+        self.volume.stop()  # a last checkpoint: the volume durable on its own
         if self.shipper is not None:
             self.shipper.stop(drain=True)  # what is still pending stays in the local journal
             self.shipper = None
@@ -262,6 +274,14 @@ class ProtectDaemon:
             journal.mark_gap("the volume was served without this journal (--no-journal)")
         if marker is None or marker.get("journal") != journal.id:
             return
+        self._redo(journal)
+        if marker.get("boot_id") != boot_id() and not self.opts.sync:
+            journal.mark_gap(
+                "the machine stopped while the volume was protected (power loss or kernel crash): "
+                "writes not yet durable in the journal may be missing from it"
+            )
+
+    def _redo(self, journal: Journal) -> None:
         assert self.backing is not None
         redo = replay_onto(journal, self.backing)
         if redo.skipped:
@@ -270,11 +290,21 @@ class ProtectDaemon:
             log.warning(
                 "journal: replayed %d writes (%d bytes) onto the volume after the crash", redo.records, redo.bytes
             )
-        if marker.get("boot_id") != boot_id() and not self.opts.sync:
-            journal.mark_gap(
-                "the machine stopped while the volume was protected (power loss or kernel crash): "
-                "writes not yet durable in the journal may be missing from it"
-            )
+
+    def _redo_without_journaling(self, journal_id: str) -> None:
+        """Started with ``--no-journal`` after a journaled run crashed: its flushed writes may be
+        durable only in that journal (the volume is made durable at checkpoints), so replay it."""
+        assert self.backing is not None
+        try:
+            journal = Journal.open(self.state / "journal", self.backing.size)
+        except JournalCorrupt as exc:
+            log.error("journal: cannot replay it onto the volume (flushed writes may be missing): %s", exc)
+            return
+        try:
+            if journal.id == journal_id:
+                self._redo(journal)
+        finally:
+            journal.close()
 
     def _load_snapshots(self, crashed: bool, fingerprint: str, nchunks: int) -> dict[str, Any] | None:
         """Snapshots saved by the last clean shutdown, if they still describe this source."""
