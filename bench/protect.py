@@ -21,11 +21,13 @@ from pathlib import Path
 
 HERE = Path(__file__).parent
 UMBRA = [sys.executable, "-m", "umbra"]
-PATTERNS = [
-    ("seq-read-1M", "read", "1M"),
-    ("seq-write-1M", "write", "1M"),
-    ("rand-read-4K", "randread", "4k"),
-    ("rand-write-4K", "randwrite", "4k"),
+PATTERNS: list[tuple[str, str, str, tuple[str, ...]]] = [
+    ("seq-read-1M", "read", "1M", ()),
+    ("seq-write-1M", "write", "1M", ()),
+    ("rand-read-4K", "randread", "4k", ()),
+    ("rand-write-4K", "randwrite", "4k", ()),
+    # a database's pattern: one write at a time, each followed by a flush
+    ("rand-write-4K-flush", "randwrite", "4k", ("--iodepth=1", "--fsync=1")),
 ]
 
 
@@ -43,7 +45,7 @@ def wait_socket(path: Path, proc: subprocess.Popen[bytes]) -> None:
     raise SystemExit(f"no socket {path}")
 
 
-def fio(uri: str, rw: str, bs: str, size: int, runtime: int) -> dict[str, float]:
+def fio(uri: str, rw: str, bs: str, size: int, runtime: int, *extra: str) -> dict[str, float]:
     out = sh(
         "fio",
         "--name=b",
@@ -56,6 +58,7 @@ def fio(uri: str, rw: str, bs: str, size: int, runtime: int) -> dict[str, float]
         f"--runtime={runtime}",
         "--time_based",
         "--output-format=json",
+        *extra,  # (later options win)
     )
     job = json.loads(out.stdout[out.stdout.index("{") :])["jobs"][0]  # after "connected to NBD server"
     side = job["read"] if "read" in rw else job["write"]
@@ -95,7 +98,9 @@ def nbd_bench(
     sock = work / "nbdkit.sock"
     proc = serve_nbdkit(image, sock)
     try:
-        results["nbdkit"] = {n: fio(f"nbd+unix:///?socket={sock}", rw, bs, size, runtime) for n, rw, bs in PATTERNS}
+        results["nbdkit"] = {
+            n: fio(f"nbd+unix:///?socket={sock}", rw, bs, size, runtime, *x) for n, rw, bs, x in PATTERNS
+        }
     finally:
         stop(proc)
     for label in variants:
@@ -105,7 +110,7 @@ def nbd_bench(
         proc = serve_umbra(image, state, *extra)
         try:
             uri = f"nbd+unix:///b?socket={state / 'nbd.sock'}"
-            results[label] = {n: fio(uri, rw, bs, size, runtime) for n, rw, bs in PATTERNS}
+            results[label] = {n: fio(uri, rw, bs, size, runtime, *x) for n, rw, bs, x in PATTERNS}
         finally:
             stop(proc)
     return results
@@ -232,14 +237,14 @@ def main() -> None:
         report["nbd"] = nbd
         print(f"journal: {args.journal}" + (f", --journal-max {args.journal_max}" if args.journal_max else ""))
         print(
-            f"{'pattern':<16}{'nbdkit MB/s':>12}{'umbra MB/s':>12}{'ratio':>7}{'no-journal':>12}"
+            f"{'pattern':<20}{'nbdkit MB/s':>12}{'umbra MB/s':>12}{'ratio':>7}{'no-journal':>12}"
             f"{'journal cost':>13}{'lat nbdkit':>12}{'lat umbra':>11}"
         )
-        for name, _, _ in PATTERNS:
+        for name, *_ in PATTERNS:
             k, u, nj = nbd["nbdkit"][name], nbd["umbra"][name], nbd["umbra-no-journal"][name]
             cost = 1 - u["MBps"] / nj["MBps"]
             print(
-                f"{name:<16}{k['MBps']:>12.0f}{u['MBps']:>12.0f}{u['MBps'] / k['MBps']:>7.2f}{nj['MBps']:>12.0f}"
+                f"{name:<20}{k['MBps']:>12.0f}{u['MBps']:>12.0f}{u['MBps'] / k['MBps']:>7.2f}{nj['MBps']:>12.0f}"
                 f"{cost:>12.0%}{k['lat_us']:>10.0f}us{u['lat_us']:>9.0f}us"
             )
     if "loop" in only:
