@@ -23,3 +23,8 @@ def testonly_int(name: str) -> int | None:
     if value is None or not _allowed():
         return None
     return int(value)
+
+
+def testonly_str(name: str) -> str | None:
+    value = os.environ.get(f"UMBRA_TESTONLY_{name}")
+    return value if value and _allowed() else None

@@ -20,7 +20,6 @@ from dataclasses import dataclass, field
 
 from umbra.errors import ObjectMissing
 from umbra.repo import cdp
-from umbra.repo.backends.local import LocalBackend
 from umbra.repo.format import ZERO_ID
 from umbra.repo.index import Index, encode_index
 from umbra.repo.manifest import Point
@@ -147,7 +146,6 @@ def collect_garbage(repo: Repository, keep: list[Point], result: PruneResult, st
             continue
         result.packs_deleted += 1
     result.packs_repacked = len(repack)
-    if isinstance(repo.backend, LocalBackend):
-        repo.backend.remove_temporaries()
+    repo.backend.remove_temporaries()
     repo.invalidate_index()
     step("done")

@@ -59,6 +59,9 @@ class FaultyBackend(Backend):
     def list(self, directory: str) -> Iterator[str]:
         return self.inner.list(directory)
 
+    def remove_temporaries(self) -> int:
+        return self.inner.remove_temporaries()
+
 
 class FaultyProvider(Provider):
     """A provider that wraps ``direct``/``reflink`` behaviour with a scripted fault at commit:

@@ -69,6 +69,11 @@ class Backend(ABC):
     def list(self, directory: str) -> Iterator[str]:
         """Names of the objects below a top-level directory (``data``, ``index``, …)."""
 
+    def remove_temporaries(self) -> int:
+        """Delete what crashed writers left half-written (only under the exclusive lock); returns
+        how many.  Backends whose stores cannot leave such leftovers have nothing to do."""
+        return 0
+
     def local_path(self) -> str | None:
         """The directory holding the objects when it is on this machine's filesystems, else None."""
         return None
