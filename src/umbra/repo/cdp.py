@@ -131,14 +131,17 @@ def load_batch(repo: Repository, ref: BatchRef) -> Batch:
     body = repo.crypto.open(repo.backend.load(ref.name), AAD_CDP + ref.name.encode(), what)
     try:
         doc = json.loads(zstandard.ZstdDecompressor().decompress(body, max_output_size=MAX_BATCH_PLAIN))
-        if doc.get("format") != 1 or doc["journal"] != ref.journal:
+        if not isinstance(doc, dict) or doc.get("format") != 1 or doc["journal"] != ref.journal:
             raise ValueError("names another journal or format")
+        volume, volume_size = doc["volume"], doc["volume_size"]
+        if not isinstance(volume, str) or type(volume_size) is not int or volume_size < 0:
+            raise ValueError("bad volume or size")
         records = [CdpRecord.decode(item) for item in doc["records"]]
-    except (ValueError, KeyError, TypeError, IndexError, zstandard.ZstdError) as exc:
+    except (ValueError, KeyError, TypeError, IndexError, RecursionError, zstandard.ZstdError) as exc:
         raise IntegrityError(f"{what}: malformed ({exc})") from None
     if not records or records[0].seq != ref.first_seq or records[-1].seq != ref.last_seq:
         raise IntegrityError(f"{what}: records do not match its name")
-    return Batch(ref, str(doc["volume"]), int(doc["volume_size"]), records)
+    return Batch(ref, volume, volume_size, records)
 
 
 def gap_of(record: CdpRecord) -> dict[str, Any] | None:

@@ -108,7 +108,7 @@ def parse_key_file(data: bytes, name: str) -> dict[str, Any]:
         if not isinstance(doc["kdf"], dict):
             raise ValueError("bad kdf block")
         return doc
-    except (ValueError, UnicodeDecodeError) as exc:
+    except (ValueError, RecursionError) as exc:  # (UnicodeDecodeError is a ValueError)
         raise KeyProblem(f"key file {name} is damaged ({exc})") from None
 
 

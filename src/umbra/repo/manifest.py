@@ -9,6 +9,8 @@ from __future__ import annotations
 import json
 import os
 import re
+import types
+import typing
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -85,11 +87,40 @@ class Point:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Point:
+        """Raises ``ValueError`` (or ``TypeError``, ``KeyError``) for anything but a well-typed
+        manifest: a stored manifest is input like any other."""
+        if not isinstance(d, dict):
+            raise ValueError("not a JSON object")
         if d.get("format") != FORMAT_VERSION:
             raise UnsupportedFormat(f"point {d.get('id')} has format {d.get('format')}", supported=FORMAT_VERSION)
         d = {k: v for k, v in d.items() if k != "format"}
         d["time"] = datetime.fromisoformat(d["time"])
+        _check_fields(d)
+        if d["size"] < 0 or d["block_size"] <= 0 or d["fanout"] < 2 or d["height"] < 0:
+            raise ValueError("sizes out of range")
+        if not re.fullmatch(r"[0-9a-f]{64}", d["root"]):
+            raise ValueError("bad root id")
         return cls(**d)
+
+
+def _check_fields(d: dict[str, Any]) -> None:
+    """Every field present has its annotated type (ints are not bools; list items are checked);
+    missing required fields and unknown ones are left to the constructor (TypeError)."""
+    for name, hint in _FIELD_TYPES.items():
+        if name not in d:
+            continue
+        value = d[name]
+        options = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
+        kinds = tuple(typing.get_origin(h) or h for h in options)
+        if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):
+            raise ValueError(f"field {name} has type {type(value).__name__}")
+        if isinstance(value, list):
+            (item,) = typing.get_args(hint)
+            if not all(isinstance(x, typing.get_origin(item) or item) for x in value):
+                raise ValueError(f"field {name} holds an item of another type")
+
+
+_FIELD_TYPES = typing.get_type_hints(Point)
 
 
 def seal_point(crypto: Crypto, point: Point) -> bytes:
@@ -102,7 +133,7 @@ def open_point(crypto: Crypto, point_id: str, data: bytes) -> Point:
     body = crypto.open(data, AAD_MANIFEST + point_id.encode(), what)
     try:
         point = Point.from_dict(json.loads(body))
-    except (ValueError, TypeError, KeyError) as exc:
+    except (ValueError, TypeError, KeyError, RecursionError) as exc:
         raise IntegrityError(f"{what}: malformed ({exc})") from None
     if point.id != point_id:
         raise IntegrityError(f"{what}: names another point")

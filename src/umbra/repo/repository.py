@@ -71,12 +71,18 @@ class RepoConfig:
     def parse(cls, data: bytes) -> RepoConfig:
         try:
             d = json.loads(data)
+            if not isinstance(d, dict):
+                raise ValueError("not a JSON object")
             if d.get("format") != FORMAT_VERSION:
                 raise UnsupportedFormat(f"repository format {d.get('format')}", supported=FORMAT_VERSION)
-            cfg = cls(
-                d["id"], d["encryption"], int(d["block_size"]), int(d["fanout"]), int(d["pack_target"]), d.get("id_key")
-            )
-        except (ValueError, KeyError, TypeError) as exc:
+            cfg = cls(d["id"], d["encryption"], d["block_size"], d["fanout"], d["pack_target"], d.get("id_key"))
+            if not all(isinstance(x, str) for x in (cfg.id, cfg.encryption)) or not isinstance(cfg.id_key, str | None):
+                raise ValueError("a field that should be text is not")
+            if not all(type(x) is int and x > 0 for x in (cfg.block_size, cfg.fanout, cfg.pack_target)):
+                raise ValueError("a size is not a positive integer")
+            if cfg.fanout < 2:
+                raise ValueError("fanout below 2")
+        except (ValueError, KeyError, TypeError, RecursionError) as exc:
             raise IntegrityError(f"config is malformed ({exc})") from None
         if cfg.encryption not in ENCRYPTION_MODES:
             raise IntegrityError(f"config names unknown encryption {cfg.encryption!r}")
@@ -349,7 +355,7 @@ class Repository:
         body = self.crypto.open(self.backend.load(name), AAD_VERIFY + name.encode(), name)
         try:
             return dict(json.loads(body))
-        except (ValueError, TypeError) as exc:
+        except (ValueError, TypeError, RecursionError) as exc:
             raise IntegrityError(f"{name}: malformed ({exc})") from None
 
     def latest_verifications(self) -> dict[str, dict[str, Any]]:
@@ -378,7 +384,7 @@ class Repository:
             body = self.crypto.open(self.backend.load(name), AAD_SET + name.encode(), name)
             try:
                 out[name.split("/", 1)[1]] = dict(json.loads(body))
-            except (ValueError, TypeError) as exc:
+            except (ValueError, TypeError, RecursionError) as exc:
                 raise IntegrityError(f"{name}: malformed ({exc})") from None
         return out
 
