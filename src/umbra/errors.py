@@ -130,6 +130,12 @@ class CheckFailed(RepositoryError):
     exit_code = 22
 
 
+class PackNotVerified(RepositoryError):
+    """a new pack did not read back before it was stored ({reason}): suspect memory or CPU; nothing was stored"""
+
+    exit_code = 27
+
+
 class ObjectMissing(RepositoryError):
     """object {name} is missing from the repository"""
 

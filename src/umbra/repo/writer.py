@@ -12,9 +12,12 @@ import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
-from umbra.repo.format import BlobType
+import blake3
+
+from umbra.errors import IntegrityError, PackNotVerified
+from umbra.repo.format import PACK_MAGIC, BlobType
 from umbra.repo.index import Index, encode_index
-from umbra.repo.pack import PackBuilder, PackEntry, pack_name
+from umbra.repo.pack import PackBuilder, PackEntry, pack_name, parse_trailer
 from umbra.repo.repository import Repository
 from umbra.testing_knobs import testonly_int
 
@@ -74,6 +77,7 @@ class BlobWriter:
 
     def _store_pack(self, pack: PackBuilder) -> None:
         pack_id, data = pack.finish(self.repo.crypto)
+        self._verify(pack_id, data, pack.entries)
         self.repo.store_content_addressed(pack_name(pack_id), data)
         with self._lock:
             self.stats.bytes_stored += len(data)
@@ -82,6 +86,26 @@ class BlobWriter:
             ready = len(self._unindexed) >= self.index_every
         if ready:
             self._write_index()
+
+    def _verify(self, pack_id: str, data: bytes, entries: list[PackEntry]) -> None:
+        """Read the pack back as a restore would before storing it: its name (the hash of its
+        bytes), its trailer, and every blob decrypted, decompressed and hashed against its id.
+        A fault of memory, CPU or compressor between sealing and storing then fails the backup
+        instead of storing a pack that can never be read (RELIABILITY B6; restic verifies the
+        same way).  Runs on the upload thread, beside the sealing workers."""
+        crypto = self.repo.crypto
+        try:
+            if not data.startswith(PACK_MAGIC) or blake3.blake3(data, max_threads=1).hexdigest() != pack_id:
+                raise IntegrityError("its bytes changed after it was named")
+            if parse_trailer(crypto, data, len(data), "the new pack") != entries:
+                raise IntegrityError("its trailer does not list the blobs added")
+            view = memoryview(data)
+            for e in entries:
+                envelope = view[e.offset : e.offset + e.length]
+                what = f"{e.blob_type.name.lower()} blob {e.blob_id.hex()[:16]}"
+                crypto.open_blob(e.blob_type, e.blob_id, envelope, self.repo.max_blob_size(e.blob_type), what)
+        except IntegrityError as exc:
+            raise PackNotVerified(reason=exc.message) from None
 
     def _wait(self, max_inflight: int) -> None:
         while len(self._inflight) > max_inflight:
