@@ -14,12 +14,12 @@ from dataclasses import dataclass, field
 
 import blake3
 
-from umbra.errors import ObjectMissing, RepositoryError
+from umbra.errors import IntegrityError, ObjectMissing, RepositoryError
 from umbra.repo import cdp
 from umbra.repo.format import PACK_FOOTER, ZERO_ID
 from umbra.repo.index import Index, decode_index
 from umbra.repo.pack import PackEntry, pack_name, parse_trailer
-from umbra.repo.repository import Repository
+from umbra.repo.repository import Repository, flaky_read_notice
 
 Report = Callable[[str], None]
 
@@ -68,11 +68,8 @@ def _check_packs(repo: Repository, packs: dict[str, list[PackEntry]], res: Check
             size = repo.backend.size(name)
             end = max(e.offset + e.length for e in entries)
             tail_len = min(size, max(PACK_FOOTER.size, size - end))
-            tail = repo.backend.load(name, size - tail_len, tail_len)
-            trailer = {
-                (e.blob_id, e.offset, e.length, e.blob_type)
-                for e in parse_trailer(repo.crypto, tail, size, f"pack {pack_id}")
-            }
+            listed = _read_trailer(repo, pack_id, size, tail_len, res)
+            trailer = {(e.blob_id, e.offset, e.length, e.blob_type) for e in listed}
         except RepositoryError as exc:
             res.errors.append(f"pack {pack_id}: {exc}")
             continue
@@ -82,6 +79,25 @@ def _check_packs(repo: Repository, packs: dict[str, list[PackEntry]], res: Check
                 f"pack {pack_id}: {len(unknown)} index entries not in its trailer (first at offset {unknown[0].offset})"
             )
         res.packs += 1
+
+
+def _read_trailer(repo: Repository, pack_id: str, size: int, tail_len: int, res: CheckResult) -> list[PackEntry]:
+    """The pack's trailer, read once more before it is called damaged (RELIABILITY B5)."""
+    name = pack_name(pack_id)
+
+    def read() -> list[PackEntry]:
+        tail = repo.backend.load(name, size - tail_len, tail_len)
+        return parse_trailer(repo.crypto, tail, size, f"pack {pack_id}")
+
+    try:
+        return read()
+    except IntegrityError as first:
+        try:
+            listed = read()
+        except IntegrityError:
+            raise first from None
+    res.warnings.append(flaky_read_notice(f"pack {pack_id}", "its trailer"))
+    return listed
 
 
 def _check_points(repo: Repository, index: Index, res: CheckResult) -> None:
@@ -121,6 +137,13 @@ def _check_journal(repo: Repository, index: Index, res: CheckResult) -> None:
             res.errors.append(f"{ref.name}: {len(missing)} blocks are referenced but not stored")
 
 
+def _load_or_none(repo: Repository, name: str) -> bytes | None:
+    try:
+        return repo.backend.load(name)
+    except RepositoryError:
+        return None
+
+
 def _read_data(repo: Repository, packs: dict[str, list[PackEntry]], res: CheckResult, report: Report) -> None:
     for pack_id, entries in sorted(packs.items()):
         try:
@@ -133,7 +156,12 @@ def _read_data(repo: Repository, packs: dict[str, list[PackEntry]], res: CheckRe
         res.bytes_read += len(data)
         report(pack_id)
         if blake3.blake3(data).hexdigest() != pack_id:
-            res.errors.append(f"pack {pack_id}: content does not hash to its name (damaged)")
+            again = _load_or_none(repo, pack_name(pack_id))  # once more before calling it damaged (B5)
+            if again is not None and blake3.blake3(again).hexdigest() == pack_id:
+                res.warnings.append(flaky_read_notice(f"pack {pack_id}", "its content"))
+                data = again
+            else:
+                res.errors.append(f"pack {pack_id}: content does not hash to its name (damaged)")
         for e in entries:
             what = f"blob {e.blob_id.hex()[:16]} in pack {pack_id[:16]} at offset {e.offset}"
             try:

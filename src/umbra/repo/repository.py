@@ -109,6 +109,13 @@ def validate_geometry(block_size: int, fanout: int) -> None:
         raise UsageError("fan-out must be from 2 to 4096")
 
 
+def flaky_read_notice(obj: str, part: str) -> str:
+    return (
+        f"{obj}: {part} read back damaged the first time and good the second (succeeded on the second "
+        "attempt): suspect the storage's hardware or its connection"
+    )
+
+
 class Repository:
     def __init__(self, backend: Backend, config: RepoConfig, crypto: Crypto, key_id: str | None) -> None:
         self.backend = backend
@@ -116,6 +123,7 @@ class Repository:
         self.crypto = crypto
         self.key_id = key_id
         self._index: Index | None = None
+        self.flaky_reads: list[str] = []  # reads that were damaged once and good the second time
 
     # --- creation and opening ----------------------------------------------------------------
 
@@ -243,11 +251,29 @@ class Repository:
 
     def load_blob(self, blob_type: BlobType, blob_id: bytes) -> bytes:
         loc = self.locate(blob_id)
+        return self._open_or_reread(blob_type, blob_id, loc, self._load_envelope(blob_id, loc))
+
+    def _load_envelope(self, blob_id: bytes, loc: Location) -> bytes:
         try:
-            envelope = self.backend.load(pack_name(loc.pack_id), loc.offset, loc.length)
+            return self.backend.load(pack_name(loc.pack_id), loc.offset, loc.length)
         except ObjectMissing:
             raise IntegrityError(f"pack {loc.pack_id} is missing (needed for blob {blob_id.hex()[:16]})") from None
-        return self.open_blob_at(blob_type, blob_id, loc, envelope)
+
+    def _open_or_reread(self, blob_type: BlobType, blob_id: bytes, loc: Location, envelope: bytes) -> bytes:
+        """Open a blob; if it does not verify, read it once more before calling it damaged: a
+        second read that is good means the storage or its connection garbled the first (RELIABILITY
+        B5), which is worth a warning but not a failed restore."""
+        try:
+            return self.open_blob_at(blob_type, blob_id, loc, envelope)
+        except IntegrityError as first:
+            try:
+                data = self.open_blob_at(blob_type, blob_id, loc, self._load_envelope(blob_id, loc))
+            except IntegrityError:
+                raise first from None
+        notice = flaky_read_notice(f"pack {loc.pack_id}", f"the blob at offset {loc.offset}")
+        log.warning("%s", notice)
+        self.flaky_reads.append(notice)
+        return data
 
     def load_blobs(self, blob_type: BlobType, blob_ids: Iterable[bytes], max_gap: int = MAX_GAP) -> dict[bytes, bytes]:
         """Load and verify several blobs, reading each pack once per run of nearby blobs (gaps up to
@@ -274,7 +300,7 @@ class Repository:
                 view = memoryview(data)
                 for loc, blob_id in run:
                     envelope = bytes(view[loc.offset - start : loc.offset - start + loc.length])
-                    out[blob_id] = self.open_blob_at(blob_type, blob_id, loc, envelope)
+                    out[blob_id] = self._open_or_reread(blob_type, blob_id, loc, envelope)
         return out
 
     def load_tree_node(self, node_id: bytes) -> bytes:

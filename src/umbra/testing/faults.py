@@ -63,6 +63,45 @@ class FaultyBackend(Backend):
         return self.inner.remove_temporaries()
 
 
+class CorruptingBackend(Backend):
+    """Wraps a backend; loads of packs (``data/``) come back with one bit flipped: only the first
+    load of each pack (``always=False``: a flaky disk or cable) or every load (rot on the disk).
+    After restic's ``errorOnceBackend`` (RELIABILITY B5)."""
+
+    def __init__(self, inner: Backend, always: bool = False) -> None:
+        self.inner = inner
+        self.location = inner.location
+        self.always = always
+        self.garbled: list[str] = []
+
+    def load(self, name: str, offset: int = 0, length: int | None = None) -> bytes:
+        data = self.inner.load(name, offset, length)
+        if not name.startswith("data/") or not data or (name in self.garbled and not self.always):
+            return data
+        self.garbled.append(name)
+        flipped = bytearray(data)
+        flipped[len(flipped) // 2] ^= 0x10
+        return bytes(flipped)
+
+    def exists(self) -> bool:
+        return self.inner.exists()
+
+    def create(self) -> None:
+        self.inner.create()
+
+    def store(self, name: str, data: bytes, replace: bool = False) -> None:
+        self.inner.store(name, data, replace)
+
+    def delete(self, name: str) -> None:
+        self.inner.delete(name)
+
+    def size(self, name: str) -> int:
+        return self.inner.size(name)
+
+    def list(self, directory: str) -> Iterator[str]:
+        return self.inner.list(directory)
+
+
 class FaultyProvider(Provider):
     """A provider that wraps ``direct``/``reflink`` behaviour with a scripted fault at commit:
     ``mode`` = "fail" (ProviderError), "hang" (sleeps ``hang_s``), "signal" (writes the word
