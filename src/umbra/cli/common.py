@@ -10,6 +10,7 @@ import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import datetime
+from pathlib import Path
 from typing import Annotated, Any
 
 import typer
@@ -23,6 +24,7 @@ from rich.progress import (
 )
 
 from umbra.errors import PassphraseMissing, UsageError
+from umbra.repo.audit import audit
 from umbra.repo.backends import open_backend
 from umbra.repo.cdp import Instant
 from umbra.repo.repository import Repository
@@ -85,7 +87,15 @@ def new_passphrase() -> str:
 @contextmanager
 def open_repository(location: str | None) -> Iterator[Repository]:
     repo = Repository.open(open_backend(require_repo(location)), passphrase)
+    for message in audit(repo, seen_file(repo.config.id)).messages():
+        stderr.print(f"warning: {message}")
     yield repo
+
+
+def seen_file(repo_id: str) -> Path:
+    """Where this machine remembers the points it has seen in a repository (umbra.repo.audit)."""
+    base = Path(os.environ.get("XDG_STATE_HOME") or Path.home() / ".local" / "state")
+    return base / "umbra" / "repos" / f"{repo_id}.json"
 
 
 def warn_if_journal_behind(inst: Instant) -> None:

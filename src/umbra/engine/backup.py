@@ -335,7 +335,8 @@ def _save_point(
     try:
         lock.check()
     except BaseException:
-        repo.delete_point(point.id)  # published under a lock we no longer hold: withdraw it
+        # published under a lock we no longer hold: withdraw it
+        repo.delete_point(point.id, "withdrawn: the backup lost its lock")
         raise
     return BackupResult(point, point.stats)
 

@@ -83,5 +83,6 @@ AAD_KEY = b"umbra key v1"
 AAD_CDP = b"umbra cdp batch v1"
 AAD_VERIFY = b"umbra verification v1"
 AAD_SET = b"umbra snapshot set outcome v1"
+AAD_FORGOTTEN = b"umbra forgotten point v1"
 
 KDF_CONTEXT_SESSION = "umbra 2026-11 session key v1"

@@ -72,15 +72,19 @@ def prune(
     """
     step = hook or (lambda _: None)
     repo.invalidate_index()
-    keep, forget = apply(repo.list_points(), policy, volumes)
+    # points umbra deleted that came back (an old copy, an interrupted prune) are deleted again
+    gone = {pid for pid in set(repo.point_ids()) & repo.forgotten_ids() if repo.forgotten(pid) is not None}
+    keep, forget = apply([p for p in repo.list_points() if p.id not in gone], policy, volumes)
     anchors = cdp.anchor_points(repo, keep + forget)  # the journal's writes start from these
     keep += [p for p in forget if p.id in anchors]
     forget = [p for p in forget if p.id not in anchors]
     result = PruneResult(keep, forget, dry_run=dry_run)
     if dry_run:
         return result
+    for pid in sorted(gone):
+        repo.delete_point(pid, "prune: it had come back after umbra deleted it")
     for p in forget:
-        repo.delete_point(p.id)
+        repo.delete_point(p.id, "prune")
     kept_ids = {p.id for p in keep}
     for name in repo.verification_names():  # results of `umbra verify` go with their point
         if repo.verification_point(name) not in kept_ids:

@@ -35,6 +35,7 @@ from umbra.repo import keys
 from umbra.repo.backends.base import Backend
 from umbra.repo.crypto import Crypto
 from umbra.repo.format import (
+    AAD_FORGOTTEN,
     AAD_SET,
     AAD_VERIFY,
     DEFAULT_BLOCK_SIZE,
@@ -341,8 +342,29 @@ class Repository:
     def save_point(self, point: Point) -> None:
         self.backend.store(f"points/{point.id}", seal_point(self.crypto, point))
 
-    def delete_point(self, point_id: str) -> None:
+    def delete_point(self, point_id: str, reason: str) -> None:
+        """Delete a point's manifest, first leaving a sealed record that umbra deleted it, so that
+        other clients can tell a deletion from the storage hiding the point, and a manifest that
+        comes back from an old copy is recognised (:mod:`umbra.repo.audit`)."""
+        name = f"forgotten/{point_id}"
+        doc = {"point": point_id, "reason": reason, "time_ns": time.time_ns()}
+        sealed = self.crypto.seal(json.dumps(doc).encode(), AAD_FORGOTTEN + name.encode())
+        self.backend.store(name, sealed, replace=True)
         self.backend.delete(f"points/{point_id}")
+
+    def forgotten_ids(self) -> set[str]:
+        """Ids of the points umbra deleted (by name: :meth:`forgotten` authenticates a record)."""
+        return {name.split("/", 1)[1] for name in self.backend.list("forgotten")}
+
+    def forgotten(self, point_id: str) -> dict[str, Any] | None:
+        """The sealed record of a deleted point, or None if there is none that authenticates."""
+        name = f"forgotten/{point_id}"
+        try:
+            body = self.crypto.open(self.backend.load(name), AAD_FORGOTTEN + name.encode(), name)
+            doc = json.loads(body)
+        except (ObjectMissing, IntegrityError, ValueError, RecursionError):
+            return None
+        return doc if isinstance(doc, dict) and doc.get("point") == point_id else None
 
     def resolve(self, ref: str | PointRef) -> Point:
         """Find the point that a reference names (id prefix, VOLUME@latest, VOLUME@TIME)."""

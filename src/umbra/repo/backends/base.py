@@ -15,8 +15,8 @@ from umbra.errors import ObjectMissing
 
 __all__ = ["DIRECTORIES", "Backend", "ObjectMissing", "validate_name"]
 
-_NAME = re.compile(r"^(config|(data/[0-9a-f]{2}|index|points|keys|locks|cdp|verify|sets)/[0-9a-f][0-9a-f.-]{0,127})$")
-DIRECTORIES = ("data", "index", "points", "keys", "locks", "cdp", "verify", "sets")
+DIRECTORIES = ("data", "index", "points", "keys", "locks", "cdp", "verify", "sets", "forgotten")
+_NAME = re.compile(r"^(config|(data/[0-9a-f]{2}|" + "|".join(DIRECTORIES[1:]) + r")/[0-9a-f][0-9a-f.-]{0,127})$")
 
 
 def validate_name(name: str) -> str:
