@@ -1,13 +1,14 @@
-"""Exhaustive crash points (RELIABILITY A2).
+"""Exhaustive crash points (RELIABILITY A2, and A4 for repair).
 
 Each mutating storage call (``store``, ``delete``) of a small full backup, a small incremental, a
-prune and a key add is in turn the instant the command dies: ``UMBRA_TESTONLY_CRASH_AT=k`` ends it
-with ``os._exit(137)`` right before its *k*-th call, as a ``kill -9`` would (no cleanup, locks
-left behind).  A dry run with ``UMBRA_TESTONLY_CRASH_LOG`` counts the calls.  After every crash:
-``check --read-data`` passes (unreferenced packs are allowed, as warnings), every listed point
-restores byte-identical to its oracle, the point the command was making is absent or complete, no
-point a prune keeps is lost, the old passphrase still opens the repository, and the same command
-run again succeeds; a prune afterwards leaves nothing for ``check`` to warn about.
+prune, a key add and a repair is in turn the instant the command dies:
+``UMBRA_TESTONLY_CRASH_AT=k`` ends it with ``os._exit(137)`` right before its *k*-th call, as a
+``kill -9`` would (no cleanup, locks left behind).  A dry run with ``UMBRA_TESTONLY_CRASH_LOG``
+counts the calls.  After every crash: ``check --read-data`` passes (unreferenced packs are allowed,
+as warnings), every listed point restores byte-identical to its oracle, the point the command was
+making is absent or complete, no point a prune keeps is lost, the old passphrase still opens the
+repository, and the same command run again succeeds; a prune afterwards leaves nothing for
+``check`` to warn about.
 """
 
 from __future__ import annotations
@@ -162,3 +163,17 @@ def test_every_crash_point_of_a_key_add(case: Case) -> None:
     case.command = ["key", "add"]
     assert crash_everywhere(case) >= 1
     assert points(case.work / "dry", "pw2") == set(case.oracle)  # the dry run's key works
+
+
+def test_every_crash_point_of_a_repair(case: Case) -> None:
+    """RELIABILITY A4: ``check --repair`` rebuilds the index (new index stored, old ones deleted)."""
+    rng = random.Random(5)
+    image = case.work / "vol.img"
+    image.write_bytes(rng.randbytes(2 * MiB))
+    case.backup(image, case.work / "base")
+    for _ in range(60):
+        write_at(image, rng.randrange(0, 2 * MiB - 8192), rng.randbytes(8192))
+    case.backup(image, case.work / "base")
+    case.command = ["check", "--repair"]
+    case.keep = lambda points: points  # a repair loses no point
+    assert crash_everywhere(case) >= 2

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import asdict
 from typing import Annotated
 
 import typer
@@ -11,15 +12,23 @@ from umbra.engine.jobs import load_job
 from umbra.errors import EXIT_WARNING, CheckFailed, UsageError, VerifyFailed
 from umbra.repo.check import check as repo_check
 from umbra.repo.prune import prune as repo_prune
+from umbra.repo.repository import Repository
 from umbra.repo.retention import Policy
 
 
 def check(
     repo: RepoOption = None,
     read_data: Annotated[bool, typer.Option(help="Read and verify every blob of every pack.")] = False,
+    repair: Annotated[
+        bool,
+        typer.Option(help="Read every pack and rebuild the index from the blobs that verify (exclusive lock)."),
+    ] = False,
     json_out: JsonOption = False,
 ) -> None:
     """Verify the repository's structure (and with --read-data, all data)."""
+    if repair:
+        with open_repository(repo) as r, r.lock(exclusive=True):
+            _repair(r, json_out)
     with open_repository(repo) as r, r.lock(exclusive=False):
         result = repo_check(r, read_data)
     if json_out:
@@ -50,6 +59,31 @@ def check(
         raise CheckFailed(count=len(result.errors))
     if result.warnings:
         raise typer.Exit(EXIT_WARNING)
+
+
+def _repair(r: Repository, json_out: bool) -> None:
+    from umbra.repo.repair import repair as repo_repair
+
+    done = repo_repair(r)
+    if json_out:
+        emit_json({"repair": asdict(done)})
+        return
+    for line in done.dropped:
+        stderr.print(f"dropped: {line}")
+    for pack_id in done.repacked:
+        stderr.print(f"repacked: the good blobs of damaged pack {pack_id} (prune removes it)")
+    for pid, missing in sorted(done.damaged_points.items()):
+        what = "cannot be walked (its manifest or a tree node is gone)" if missing < 0 else f"lacks {missing} blocks"
+        stderr.print(f"damaged: point {pid} {what}")
+    stdout.print(
+        f"repair: {done.packs} packs read, {done.blobs_kept} blobs kept, {len(done.dropped)} dropped"
+        + (
+            "; back up the same sources again to store missing blocks (that heals every point needing them), "
+            "or restore with --allow-damaged"
+            if done.damaged_points
+            else ""
+        )
+    )
 
 
 def prune(

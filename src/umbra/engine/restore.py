@@ -7,6 +7,7 @@ sparse); on a block device they are zeroed explicitly (BLKZEROOUT, or zeros writ
 
 from __future__ import annotations
 
+import logging
 import time
 from collections import deque
 from collections.abc import Iterator
@@ -16,7 +17,7 @@ from typing import Any
 
 from umbra.engine.diff import tree_reader
 from umbra.engine.progress import NoProgress, Progress
-from umbra.errors import UsageError
+from umbra.errors import IntegrityError, UsageError
 from umbra.repo.cdp import ExtentMap
 from umbra.repo.format import ZERO_ID, BlobType
 from umbra.repo.manifest import Point
@@ -26,6 +27,8 @@ from umbra.volume.blockio import write_zeros
 from umbra.volume.sink import Target, open_target
 
 GROUP_BLOCKS = 64
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -53,6 +56,22 @@ def fetch_blocks(repo: Repository, group: list[tuple[int, bytes]]) -> list[tuple
     """
     blobs = repo.load_blobs(BlobType.DATA, (bid for _, bid in group))
     return [(b, blobs[bid]) for b, bid in group]
+
+
+def _fetch_or_zeros(repo: Repository, point: Point, group: list[tuple[int, bytes]]) -> list[tuple[int, bytes]]:
+    """``--allow-damaged``: a block that is missing or damaged comes back as zeros, and an empty
+    ``bytes`` marks it (the caller writes the zeros and lists the block)."""
+    try:
+        return fetch_blocks(repo, group)
+    except IntegrityError:
+        out = []
+        for b, bid in group:
+            try:
+                out.append((b, repo.load_blob(BlobType.DATA, bid)))
+            except IntegrityError as exc:
+                log.warning("block %d of point %s is damaged, restored as zeros: %s", b, point.short_id, exc)
+                out.append((b, b""))
+        return out
 
 
 def _apply_extents(repo: Repository, extents: ExtentMap, target: Target) -> int:
@@ -88,10 +107,13 @@ def run(
     progress: Progress | None = None,
     workers: int = 4,
     extents: ExtentMap | None = None,
+    allow_damaged: bool = False,
 ) -> RestoreResult:
     """Restore ``point`` to a file or block device in one pass; then, for a state between points
     (``VOLUME@TIME`` with a shipped journal), write what the journal records left in ``extents``.
-    A btrfs subvolume point is received into ``target_path``, a directory on btrfs.
+    A btrfs subvolume point is received into ``target_path``, a directory on btrfs.  With
+    ``allow_damaged`` blocks that are missing or damaged are written as zeros and listed in
+    ``stats["damaged_blocks"]`` instead of failing the restore (after ``check --repair``).
 
     Raises:
         TargetError (TargetTooSmall, TargetBusy), IntegrityError, RepositoryError.
@@ -106,6 +128,8 @@ def run(
     else:
         target = open_target(target_path, point.size, force)
     written = 0
+    damaged: list[int] = []
+    fetch = (lambda group: _fetch_or_zeros(repo, point, group)) if allow_damaged else (lambda g: fetch_blocks(repo, g))
     try:
         reader = tree_reader(repo, point)
         progress.start(f"restore {point.volume}", point.size)
@@ -117,6 +141,12 @@ def run(
                 nonlocal written
                 while len(inflight) > limit:
                     for b, data in inflight.popleft().result():
+                        if not data:  # damaged, --allow-damaged: zeros (the target may hold data there)
+                            damaged.append(b)
+                            length = min(bs, point.size - b * bs)
+                            write_zeros(target.fd, b * bs, length)
+                            progress.advance(length)
+                            continue
                         target.write_at(b * bs, data)
                         written += len(data)
                         progress.advance(len(data))
@@ -126,7 +156,7 @@ def run(
                     if b > next_block:
                         target.zero_range(next_block * bs, (b - next_block) * bs)
                     next_block = b + 1
-                inflight.append(pool.submit(fetch_blocks, repo, group))
+                inflight.append(pool.submit(fetch, group))
                 drain(workers * 2)
             drain(0)
         target.zero_range(next_block * bs, point.size - next_block * bs)
@@ -137,5 +167,11 @@ def run(
         target.abort()
         raise
     progress.finish()
-    stats = {"bytes_written": written, "size": point.size, "duration_s": round(time.monotonic() - started, 3)}
+    stats: dict[str, Any] = {
+        "bytes_written": written,
+        "size": point.size,
+        "duration_s": round(time.monotonic() - started, 3),
+    }
+    if allow_damaged:
+        stats["damaged_blocks"] = sorted(damaged)
     return RestoreResult(point, stats)
