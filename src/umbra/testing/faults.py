@@ -5,21 +5,19 @@ from __future__ import annotations
 
 import errno
 import time
-from collections.abc import Iterator
 
 from umbra.errors import ProviderError, RepositoryFull, RepositoryIOError
 from umbra.providers.base import Kind, Provider, Snapshot
-from umbra.repo.backends.base import Backend
+from umbra.repo.backends.base import Backend, ForwardingBackend
 from umbra.volume.mounts import VolumeInfo
 
 
-class FaultyBackend(Backend):
+class FaultyBackend(ForwardingBackend):
     """Wraps a backend; ``fail_on={"store": "..E"}`` makes the third ``store`` fail (``.`` = pass,
     ``E`` = fail; calls past the end of the map pass).  ``error_errno`` picks ENOSPC or EIO."""
 
     def __init__(self, inner: Backend, fail_on: dict[str, str], error_errno: int = errno.EIO) -> None:
-        self.inner = inner
-        self.location = inner.location
+        super().__init__(inner)
         self.fail_on = fail_on
         self.error_errno = error_errno
         self.calls: dict[str, int] = {}
@@ -35,12 +33,6 @@ class FaultyBackend(Backend):
                 raise RepositoryFull(name=name)
             raise RepositoryIOError(name=name, reason="injected I/O error")
 
-    def exists(self) -> bool:
-        return self.inner.exists()
-
-    def create(self) -> None:
-        self.inner.create()
-
     def load(self, name: str, offset: int = 0, length: int | None = None) -> bytes:
         self._maybe_fail("load", name)
         return self.inner.load(name, offset, length)
@@ -53,24 +45,14 @@ class FaultyBackend(Backend):
         self._maybe_fail("delete", name)
         self.inner.delete(name)
 
-    def size(self, name: str) -> int:
-        return self.inner.size(name)
 
-    def list(self, directory: str) -> Iterator[str]:
-        return self.inner.list(directory)
-
-    def remove_temporaries(self) -> int:
-        return self.inner.remove_temporaries()
-
-
-class CorruptingBackend(Backend):
+class CorruptingBackend(ForwardingBackend):
     """Wraps a backend; loads of packs (``data/``) come back with one bit flipped: only the first
     load of each pack (``always=False``: a flaky disk or cable) or every load (rot on the disk).
     After restic's ``errorOnceBackend`` (RELIABILITY B5)."""
 
     def __init__(self, inner: Backend, always: bool = False) -> None:
-        self.inner = inner
-        self.location = inner.location
+        super().__init__(inner)
         self.always = always
         self.garbled: list[str] = []
 
@@ -82,24 +64,6 @@ class CorruptingBackend(Backend):
         flipped = bytearray(data)
         flipped[len(flipped) // 2] ^= 0x10
         return bytes(flipped)
-
-    def exists(self) -> bool:
-        return self.inner.exists()
-
-    def create(self) -> None:
-        self.inner.create()
-
-    def store(self, name: str, data: bytes, replace: bool = False) -> None:
-        self.inner.store(name, data, replace)
-
-    def delete(self, name: str) -> None:
-        self.inner.delete(name)
-
-    def size(self, name: str) -> int:
-        return self.inner.size(name)
-
-    def list(self, directory: str) -> Iterator[str]:
-        return self.inner.list(directory)
 
 
 class FaultyProvider(Provider):

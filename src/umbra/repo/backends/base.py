@@ -13,7 +13,7 @@ from collections.abc import Iterator
 
 from umbra.errors import ObjectMissing
 
-__all__ = ["DIRECTORIES", "Backend", "ObjectMissing", "validate_name"]
+__all__ = ["DIRECTORIES", "Backend", "ForwardingBackend", "ObjectMissing", "validate_name"]
 
 DIRECTORIES = ("data", "index", "points", "keys", "locks", "cdp", "verify", "sets", "forgotten")
 _NAME = re.compile(r"^(config|(data/[0-9a-f]{2}|" + "|".join(DIRECTORIES[1:]) + r")/[0-9a-f][0-9a-f.-]{0,127})$")
@@ -77,3 +77,39 @@ class Backend(ABC):
     def local_path(self) -> str | None:
         """The directory holding the objects when it is on this machine's filesystems, else None."""
         return None
+
+
+class ForwardingBackend(Backend):
+    """Passes every call to ``inner``; wrappers (fault injection, crash points) override what they
+    change."""
+
+    def __init__(self, inner: Backend) -> None:
+        self.inner = inner
+        self.location = inner.location
+
+    def exists(self) -> bool:
+        return self.inner.exists()
+
+    def create(self) -> None:
+        self.inner.create()
+
+    def load(self, name: str, offset: int = 0, length: int | None = None) -> bytes:
+        return self.inner.load(name, offset, length)
+
+    def store(self, name: str, data: bytes, replace: bool = False) -> None:
+        self.inner.store(name, data, replace)
+
+    def delete(self, name: str) -> None:
+        self.inner.delete(name)
+
+    def size(self, name: str) -> int:
+        return self.inner.size(name)
+
+    def list(self, directory: str) -> Iterator[str]:
+        return self.inner.list(directory)
+
+    def remove_temporaries(self) -> int:
+        return self.inner.remove_temporaries()
+
+    def local_path(self) -> str | None:
+        return self.inner.local_path()

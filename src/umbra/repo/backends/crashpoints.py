@@ -11,18 +11,16 @@ has and a failing one names the call it stopped before.  Both are honoured only 
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
 
-from umbra.repo.backends.base import Backend
+from umbra.repo.backends.base import Backend, ForwardingBackend
 
 CRASH_EXIT = 137  # what a shell reports for a process killed by SIGKILL
 _calls = 0  # mutating calls of this process, over every backend it opened
 
 
-class CrashPoints(Backend):
+class CrashPoints(ForwardingBackend):
     def __init__(self, inner: Backend, crash_at: int | None, log: str | None) -> None:
-        self.inner = inner
-        self.location = inner.location
+        super().__init__(inner)
         self.crash_at = crash_at
         self.log = log
 
@@ -35,15 +33,6 @@ class CrashPoints(Backend):
         if _calls == self.crash_at:
             os._exit(CRASH_EXIT)
 
-    def exists(self) -> bool:
-        return self.inner.exists()
-
-    def create(self) -> None:
-        self.inner.create()
-
-    def load(self, name: str, offset: int = 0, length: int | None = None) -> bytes:
-        return self.inner.load(name, offset, length)
-
     def store(self, name: str, data: bytes, replace: bool = False) -> None:
         self._mutating("store", name)
         self.inner.store(name, data, replace)
@@ -52,15 +41,6 @@ class CrashPoints(Backend):
         self._mutating("delete", name)
         self.inner.delete(name)
 
-    def size(self, name: str) -> int:
-        return self.inner.size(name)
-
-    def list(self, directory: str) -> Iterator[str]:
-        return self.inner.list(directory)
-
     def remove_temporaries(self) -> int:
         self._mutating("remove_temporaries", "-")
         return self.inner.remove_temporaries()
-
-    def local_path(self) -> str | None:
-        return self.inner.local_path()
