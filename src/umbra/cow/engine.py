@@ -40,9 +40,9 @@ MIN_CHUNK = 512
 CHECKPOINT_INTERVAL = 30.0  # seconds: the kernel writes dirty pages back after 30 s anyway
 CHECKPOINT_BYTES = 1 << 30  # written since the last checkpoint: bounds the redo after a crash
 CHECKPOINT_POLL = 0.5
+SNAPSHOT_NAME_CHARS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._-")
 
 log = logging.getLogger(__name__)
-SNAPSHOT_NAME_CHARS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._-")
 
 
 def _pack(bitmap: Bitmap) -> str:
