@@ -5,6 +5,7 @@ damaged one), and backing up the same content again heals every point."""
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import subprocess
@@ -131,3 +132,7 @@ def test_the_commands(repo: Repository, tmp_path: Path) -> None:
     restored = umbra("restore", pid, str(tmp_path / "r.img"), "--allow-damaged")
     assert restored.returncode == EXIT_WARNING, restored.stderr
     assert "1 damaged blocks were written as zeros" in restored.stderr
+    again = umbra("check", "--repair", "--json")  # one JSON document: the check, with the repair in it
+    doc = json.loads(again.stdout)
+    assert len(doc["repair"]["dropped"]) == 1, "the damaged pack is read again until prune removes it"
+    assert doc["repair"]["damaged_points"] and not doc["ok"]

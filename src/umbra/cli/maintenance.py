@@ -12,7 +12,8 @@ from umbra.engine.jobs import load_job
 from umbra.errors import EXIT_WARNING, CheckFailed, UsageError, VerifyFailed
 from umbra.repo.check import check as repo_check
 from umbra.repo.prune import prune as repo_prune
-from umbra.repo.repository import Repository
+from umbra.repo.repair import RepairResult
+from umbra.repo.repair import repair as repo_repair
 from umbra.repo.retention import Policy
 
 
@@ -26,24 +27,26 @@ def check(
     json_out: JsonOption = False,
 ) -> None:
     """Verify the repository's structure (and with --read-data, all data)."""
+    repaired = None
     if repair:
         with open_repository(repo) as r, r.lock(exclusive=True):
-            _repair(r, json_out)
+            repaired = repo_repair(r)
+        if not json_out:
+            _print_repair(repaired)
     with open_repository(repo) as r, r.lock(exclusive=False):
         result = repo_check(r, read_data)
     if json_out:
-        emit_json(
-            {
-                "ok": result.ok,
-                "errors": result.errors,
-                "warnings": result.warnings,
-                "points": result.points,
-                "journal_batches": result.journal_batches,
-                "packs": result.packs,
-                "blobs_verified": result.blobs,
-                "bytes_read": result.bytes_read,
-            }
-        )
+        doc = {
+            "ok": result.ok,
+            "errors": result.errors,
+            "warnings": result.warnings,
+            "points": result.points,
+            "journal_batches": result.journal_batches,
+            "packs": result.packs,
+            "blobs_verified": result.blobs,
+            "bytes_read": result.bytes_read,
+        }
+        emit_json(doc if repaired is None else {**doc, "repair": asdict(repaired)})
     else:
         for w in result.warnings:
             stderr.print(f"warning: {w}")
@@ -61,13 +64,7 @@ def check(
         raise typer.Exit(EXIT_WARNING)
 
 
-def _repair(r: Repository, json_out: bool) -> None:
-    from umbra.repo.repair import repair as repo_repair
-
-    done = repo_repair(r)
-    if json_out:
-        emit_json({"repair": asdict(done)})
-        return
+def _print_repair(done: RepairResult) -> None:
     for line in done.dropped:
         stderr.print(f"dropped: {line}")
     for pack_id in done.repacked:

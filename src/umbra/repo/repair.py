@@ -65,7 +65,7 @@ def repair(repo: Repository, report: Report | None = None) -> RepairResult:
                 )
             except IntegrityError as exc:
                 intact = False
-                res.dropped.append(f"{where}: {exc.message}")
+                res.dropped.append(exc.message)  # (it names the blob, pack and offset)
                 continue
             good.append((e, plain))
         if intact:
