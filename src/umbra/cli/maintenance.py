@@ -70,7 +70,7 @@ def _print_repair(done: RepairResult) -> None:
     for pack_id in done.repacked:
         stderr.print(f"repacked: the good blobs of damaged pack {pack_id} (prune removes it)")
     for pid, missing in sorted(done.damaged_points.items()):
-        what = "cannot be walked (its manifest or a tree node is gone)" if missing < 0 else f"lacks {missing} blocks"
+        what = "cannot be read (its manifest is damaged)" if missing < 0 else f"lacks {missing} blocks"
         stderr.print(f"damaged: point {pid} {what}")
     stdout.print(
         f"repair: {done.packs} packs read, {done.blobs_kept} blobs kept, {len(done.dropped)} dropped"

@@ -15,8 +15,8 @@ from umbra.repo.tree import TreeReader
 from umbra.repo.view import open_state
 
 
-def tree_reader(repo: Repository, point: Point) -> TreeReader:
-    return repo.tree_reader(point)
+def tree_reader(repo: Repository, point: Point, tolerate_damage: bool = False) -> TreeReader:
+    return repo.tree_reader(point, tolerate_damage=tolerate_damage)
 
 
 def changed_blocks(repo: Repository, old: Point | None, new: Point) -> Iterator[int]:

@@ -22,6 +22,7 @@ from umbra.repo.cdp import ExtentMap
 from umbra.repo.format import ZERO_ID, BlobType
 from umbra.repo.manifest import Point
 from umbra.repo.repository import Repository
+from umbra.repo.tree import DAMAGED_ID
 from umbra.volume import btrfs_send
 from umbra.volume.blockio import write_zeros
 from umbra.volume.sink import Target, open_target
@@ -66,6 +67,9 @@ def _fetch_or_zeros(repo: Repository, point: Point, group: list[tuple[int, bytes
     except IntegrityError:
         out = []
         for b, bid in group:
+            if bid == DAMAGED_ID:  # below a tree node that cannot be read
+                out.append((b, b""))
+                continue
             try:
                 out.append((b, repo.load_blob(BlobType.DATA, bid)))
             except IntegrityError as exc:
@@ -131,7 +135,7 @@ def run(
     damaged: list[int] = []
     fetch = (lambda group: _fetch_or_zeros(repo, point, group)) if allow_damaged else (lambda g: fetch_blocks(repo, g))
     try:
-        reader = tree_reader(repo, point)
+        reader = tree_reader(repo, point, tolerate_damage=allow_damaged)
         progress.start(f"restore {point.volume}", point.size)
         next_block = 0
         inflight: deque[Future[list[tuple[int, bytes]]]] = deque()

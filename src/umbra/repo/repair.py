@@ -100,9 +100,10 @@ def _damaged_points(repo: Repository) -> dict[str, int]:
     out: dict[str, int] = {}
     for pid in repo.point_ids():
         try:
-            missing = sum(1 for _, bid in repo.tree_reader(repo.load_point(pid)).blocks() if bid not in index)
+            reader = repo.tree_reader(repo.load_point(pid), tolerate_damage=True)
+            missing = sum(1 for _, bid in reader.blocks() if bid not in index)  # (DAMAGED_ID never is)
         except RepositoryError:
-            missing = -1  # its manifest or a tree node is gone: nothing of it can be walked
+            missing = -1  # its manifest is gone or damaged
         if missing:
             out[pid] = missing
     return out

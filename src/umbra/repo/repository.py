@@ -307,11 +307,10 @@ class Repository:
     def load_tree_node(self, node_id: bytes) -> bytes:
         return self.load_blob(BlobType.TREE, node_id)
 
-    def tree_reader(self, point: Point, load_node: LoadNode | None = None) -> TreeReader:
+    def tree_reader(self, point: Point, load_node: LoadNode | None = None, tolerate_damage: bool = False) -> TreeReader:
         """A reader of ``point``'s volume tree (``load_node`` overrides how nodes are loaded)."""
-        return TreeReader(
-            load_node or self.load_tree_node, bytes.fromhex(point.root), point.height, point.fanout, point.nblocks
-        )
+        load = load_node or self.load_tree_node
+        return TreeReader(load, bytes.fromhex(point.root), point.height, point.fanout, point.nblocks, tolerate_damage)
 
     # --- points ------------------------------------------------------------------------------
 

@@ -14,6 +14,8 @@ from collections.abc import Callable, Iterator
 from umbra.errors import IntegrityError
 from umbra.repo.format import ID_SIZE, TREE_HEADER, TREE_MAGIC, ZERO_ID
 
+DAMAGED_ID = b"\xff" * ID_SIZE  # what lies below a tree node that cannot be read (tolerate_damage)
+
 
 def height_for(nblocks: int, fanout: int) -> int:
     h, span = 0, fanout
@@ -100,20 +102,34 @@ LoadNode = Callable[[bytes], bytes]
 
 
 class TreeReader:
-    """Reads a stored tree, checking every node's level and entry count against the geometry."""
+    """Reads a stored tree, checking every node's level and entry count against the geometry.
 
-    def __init__(self, load_node: LoadNode, root: bytes, height: int, fanout: int, nblocks: int) -> None:
+    With ``tolerate_damage`` a node that cannot be loaded reads as a node of ``DAMAGED_ID``
+    entries, so every block below it comes out as ``DAMAGED_ID`` (``restore --allow-damaged``
+    writes zeros there) instead of ending the walk."""
+
+    def __init__(
+        self, load_node: LoadNode, root: bytes, height: int, fanout: int, nblocks: int, tolerate_damage: bool = False
+    ) -> None:
         self._load = load_node
         self.root, self.height, self.fanout, self.nblocks = root, height, fanout, nblocks
+        self.tolerate_damage = tolerate_damage
 
     def entries(self, node_id: bytes, level: int, first: int) -> list[bytes]:
         """The entries of the node at ``level`` whose first block is ``first``, checked against the geometry."""
         what = f"tree node {node_id.hex()[:16]}"
-        got_level, ids = decode_node(self._load(node_id), what)
         span = self.fanout**level
         expected = min(self.fanout, -(-(self.nblocks - first) // span))
-        if got_level != level or len(ids) != expected:
-            raise IntegrityError(f"{what}: level {got_level}/{len(ids)} entries, expected {level}/{expected}")
+        if node_id == DAMAGED_ID:
+            return [DAMAGED_ID] * expected
+        try:
+            got_level, ids = decode_node(self._load(node_id), what)
+            if got_level != level or len(ids) != expected:
+                raise IntegrityError(f"{what}: level {got_level}/{len(ids)} entries, expected {level}/{expected}")
+        except IntegrityError:
+            if not self.tolerate_damage:
+                raise
+            return [DAMAGED_ID] * expected
         return ids
 
     def _walk(self, node_id: bytes, level: int, first: int, stop: int) -> Iterator[tuple[int, bytes]]:
