@@ -46,13 +46,13 @@ def audit(repo: Repository, seen_file: Path) -> PointAudit:
     """Compare the repository's points with those this machine saw before, then remember them
     (points found hidden stay remembered, so the warning stays until someone looks)."""
     current = set(repo.point_ids())
-    forgotten = repo.forgotten_ids()
     seen = _load(seen_file)
+    returned = repo.returned_points(current)
     result = PointAudit(
         hidden=sorted(pid for pid in seen - current if repo.forgotten(pid) is None),
-        returned=sorted(pid for pid in current & forgotten if repo.forgotten(pid) is not None),
+        returned=sorted(returned),
     )
-    remembered = (current - forgotten) | set(result.hidden)
+    remembered = (current - returned) | set(result.hidden)
     if remembered != seen:
         _save(seen_file, remembered)
     return result

@@ -73,7 +73,7 @@ def prune(
     step = hook or (lambda _: None)
     repo.invalidate_index()
     # points umbra deleted that came back (an old copy, an interrupted prune) are deleted again
-    gone = {pid for pid in set(repo.point_ids()) & repo.forgotten_ids() if repo.forgotten(pid) is not None}
+    gone = repo.returned_points()
     keep, forget = apply([p for p in repo.list_points() if p.id not in gone], policy, volumes)
     anchors = cdp.anchor_points(repo, keep + forget)  # the journal's writes start from these
     keep += [p for p in forget if p.id in anchors]

@@ -355,6 +355,12 @@ class Repository:
         """Ids of the points umbra deleted (by name: :meth:`forgotten` authenticates a record)."""
         return {name.split("/", 1)[1] for name in self.backend.list("forgotten")}
 
+    def returned_points(self, point_ids: set[str] | None = None) -> set[str]:
+        """Points present (of ``point_ids``, default: all) although a record that authenticates
+        says umbra deleted them: an old copy put back, or a prune interrupted between its writes."""
+        present = set(self.point_ids()) if point_ids is None else point_ids
+        return {pid for pid in present & self.forgotten_ids() if self.forgotten(pid) is not None}
+
     def forgotten(self, point_id: str) -> dict[str, Any] | None:
         """The sealed record of a deleted point, or None if there is none that authenticates."""
         name = f"forgotten/{point_id}"
