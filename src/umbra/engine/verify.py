@@ -128,7 +128,7 @@ def _replay_xfs_log(path: str, mountpoint: str) -> dict[str, Any]:
 
 def _verify_filesystem(point: Point, view: BlockView, ref: str) -> VerifyResult:
     """fsck of the filesystem on a FUSE block file over a throw-away overlay."""
-    from umbra.frontends.fuse import FuseBlockFiles  # pyfuse3 only for this command
+    from umbra.frontends.fuse_blocks import FuseBlockFiles
 
     with tempfile.TemporaryDirectory(prefix="umbra-verify-") as tmp:
         overlay = OverlayExport(PointExport(view, point.volume), os.path.join(tmp, "overlay"))

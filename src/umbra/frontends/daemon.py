@@ -87,7 +87,7 @@ class ProtectDaemon:
         self.shipper: Shipper | None = None
         self.nbd: NbdServer | None = None
         self.nbd_addresses: list[str] = []
-        self.fuse: Any = None  # umbra.frontends.fuse.FuseBlockFiles when --fuse
+        self.fuse: Any = None  # umbra.frontends.fuse_blocks.FuseBlockFiles when --fuse
         self.loop_device: str | None = None
         self.started = time.time()
         self._stop: asyncio.Event | None = None
@@ -198,7 +198,7 @@ class ProtectDaemon:
             await self._shutdown()
 
     def _start_fuse(self) -> None:
-        from umbra.frontends.fuse import FuseBlockFiles  # pyfuse3 is only needed with --fuse
+        from umbra.frontends.fuse_blocks import FuseBlockFiles
 
         assert self.volume is not None and self.opts.fuse_dir is not None
         volume = self.volume

@@ -29,7 +29,7 @@ class BlockExport(Protocol):
     inline: bool
 
     def read(self, offset: int, length: int) -> bytes: ...
-    def write(self, offset: int, data: bytes, fua: bool) -> None: ...
+    def write(self, offset: int, data: bytes | memoryview, fua: bool) -> None: ...
     def zero(self, offset: int, length: int, fua: bool) -> None: ...
     def flush(self) -> None: ...
     def allocation(self, offset: int, length: int) -> Iterator[Run]: ...
@@ -50,7 +50,7 @@ class VolumeExport:
     def read(self, offset: int, length: int) -> bytes:
         return self.volume.read(offset, length)
 
-    def write(self, offset: int, data: bytes, fua: bool) -> None:
+    def write(self, offset: int, data: bytes | memoryview, fua: bool) -> None:
         self.volume.write(offset, data, fua)
 
     def zero(self, offset: int, length: int, fua: bool) -> None:
@@ -92,7 +92,7 @@ class SnapshotExport:
     def read(self, offset: int, length: int) -> bytes:
         return self.volume.read_snapshot(self.snapshot, offset, length)
 
-    def write(self, offset: int, data: bytes, fua: bool) -> None:
+    def write(self, offset: int, data: bytes | memoryview, fua: bool) -> None:
         raise OSError(errno.EPERM, "snapshots are read-only")
 
     def zero(self, offset: int, length: int, fua: bool) -> None:
@@ -121,7 +121,7 @@ class PointExport:
     def read(self, offset: int, length: int) -> bytes:
         return self.view.read(offset, length)
 
-    def write(self, offset: int, data: bytes, fua: bool) -> None:
+    def write(self, offset: int, data: bytes | memoryview, fua: bool) -> None:
         raise OSError(errno.EROFS, "points are read-only (export with --writable for an overlay)")
 
     def zero(self, offset: int, length: int, fua: bool) -> None:
@@ -182,7 +182,7 @@ class OverlayExport:
         ]
         return b"".join(parts)
 
-    def write(self, offset: int, data: bytes, fua: bool) -> None:
+    def write(self, offset: int, data: bytes | memoryview, fua: bool) -> None:
         if offset < 0 or offset + len(data) > self.size:
             raise OSError(errno.ENOSPC, "write past the end of the volume")
         if not data:
@@ -281,7 +281,7 @@ class RestoringExport:
     def read(self, offset: int, length: int) -> bytes:
         return self.overlay.read(offset, length)
 
-    def write(self, offset: int, data: bytes, fua: bool) -> None:
+    def write(self, offset: int, data: bytes | memoryview, fua: bool) -> None:
         with self._lock:
             self.overlay.write(offset, data, fua)
             below = max(0, min(len(data), self.copied - offset))

@@ -57,8 +57,8 @@ async def _serve(opts: ServeOptions, ready: Callable[[dict[str, Any]], None] | N
                     reason = f"cannot serve NBD at {address}: {getattr(exc, 'strerror', None) or exc}"
                     raise ServeError(name=opts.default_export, reason=reason) from exc
         if opts.fuse_dir is not None:
-            from umbra.frontends.fuse import FuseBlockFiles  # pyfuse3 only when mounting
-            from umbra.frontends.fuse_tree import FuseFileTree
+            from umbra.frontends.fuse_blocks import FuseBlockFiles
+            from umbra.frontends.fuse_tree import FuseFileTree  # pyfuse3 only when mounting
 
             if opts.fuse_tree is not None:
                 fuse = FuseFileTree(opts.fuse_tree, opts.fuse_dir, opts.default_export)
