@@ -6,8 +6,11 @@ from __future__ import annotations
 import errno
 import mmap
 import os
+import pwd
 import random
 import subprocess
+import sys
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -228,3 +231,67 @@ def test_a_write_whose_length_disagrees_with_its_data_is_refused(volume: CowVolu
         files._init(0, w.INIT_IN.pack(8, 0, 0, 0))
     assert proto.value.errno == errno.EPROTO
     assert volume.read(0, 4096) == bytes(4096)
+
+
+# --- without root: mounted through fusermount3 -------------------------------------------------
+
+USER_SCRIPT = """
+import os, sys
+from umbra.errors import ServeError
+from umbra.frontends.fuse_blocks import FuseBlockFiles
+
+class Memory:
+    name, size, read_only, description, inline = "m", 1 << 20, False, "memory", True
+    def __init__(self): self.buf = bytearray(self.size)
+    def read(self, offset, length): return bytes(self.buf[offset : offset + length])
+    def write(self, offset, data, fua): self.buf[offset : offset + len(data)] = data
+    def zero(self, offset, length, fua): self.buf[offset : offset + length] = bytes(length)
+    def flush(self): pass
+    def allocation(self, offset, length): yield offset, offset + length, True
+
+memory = Memory()
+files = FuseBlockFiles(lambda: {"m": memory}, sys.argv[1], "m")
+try:
+    files.start()
+except ServeError as exc:
+    print("refused:", exc)
+    raise SystemExit(3)
+with open(files.image_path(), "r+b", buffering=0) as f:
+    f.seek(4096)
+    f.write(b"through fusermount3")
+files.stop()
+print(bytes(memory.buf[4096 : 4096 + 19]).decode(), os.path.ismount(sys.argv[1]))
+"""
+
+
+def _as_nobody(script: str, *args: str) -> subprocess.CompletedProcess[str]:
+    nobody = ["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups"]
+    return subprocess.run(
+        [*nobody, sys.executable, "-c", script, *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        cwd="/",
+    )
+
+
+def test_an_unprivileged_user_mounts_through_fusermount3() -> None:
+    requires("root", "setpriv", "fusermount3")
+    if _as_nobody("import umbra").returncode != 0:
+        pytest.skip("this checkout or its Python is not readable by the user nobody")
+    directory = tempfile.mkdtemp(prefix="umbra-fuse-user-")
+    os.chown(directory, pwd.getpwnam("nobody").pw_uid, -1)
+    mode = os.stat("/dev/fuse").st_mode & 0o777
+    try:
+        os.chmod("/dev/fuse", 0o600)
+        refused = _as_nobody(USER_SCRIPT, directory)
+        assert refused.returncode == 3 and "cannot mount FUSE" in refused.stdout, refused.stderr
+        assert "Permission denied" in refused.stdout  # what fusermount3 said, passed on
+        os.chmod("/dev/fuse", 0o666)
+        proc = _as_nobody(USER_SCRIPT, directory)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        assert proc.stdout.split() == ["through", "fusermount3", "False"]
+    finally:
+        os.chmod("/dev/fuse", mode)
+        os.rmdir(directory)

@@ -33,6 +33,7 @@ WORKERS = 8  # threads reading requests (each holds one request at a time)
 MAX_BACKGROUND = 24  # asynchronous requests the kernel keeps in flight (loop's direct I/O)
 MAX_WRITE = 1 << 20
 TIMEOUT = 1  # seconds the kernel may cache names and attributes
+STOP_TIMEOUT = 30  # seconds stop() waits for the request threads after unmounting
 Exports = Callable[[], dict[str, BlockExport]]
 Parts = Sequence[bytes | memoryview]
 
@@ -112,8 +113,9 @@ class FuseBlockFiles:
                 w.unmount(self.directory)
             except OSError as exc:
                 log.warning("fuse: cannot unmount %s: %s", self.directory, exc)
+        deadline = time.monotonic() + STOP_TIMEOUT  # a lazy unmount ends the connection when its last user is gone
         for thread in self._threads:
-            thread.join(timeout=30)  # a lazy unmount ends the connection when its last user is gone
+            thread.join(timeout=max(0.0, deadline - time.monotonic()))
         if not self.running:
             os.close(self._fd)
             self._fd = None

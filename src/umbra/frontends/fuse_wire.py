@@ -123,10 +123,10 @@ def _mount_fusermount(directory: str, options: str, read_only: bool) -> int:
             check=False,
         )
         if proc.returncode != 0:
-            raise OSError(0, proc.stderr.strip() or "fusermount3 failed", directory)
+            raise OSError(proc.stderr.strip() or "fusermount3 failed")
         _msg, fds, _flags, _addr = socket.recv_fds(ours, 1, 1)
     if not fds:
-        raise OSError(0, "fusermount3 passed no descriptor", directory)
+        raise OSError("fusermount3 passed no descriptor")
     return fds[0]
 
 
@@ -140,4 +140,4 @@ def unmount(directory: str) -> None:
         return
     proc = subprocess.run(["fusermount3", "-u", "-z", "--", directory], capture_output=True, text=True, check=False)
     if proc.returncode != 0:
-        raise OSError(0, proc.stderr.strip() or "fusermount3 -u failed", directory)
+        raise OSError(proc.stderr.strip() or "fusermount3 -u failed")
