@@ -21,7 +21,7 @@ import pytest
 from tests.conftest import requires
 from tests.cow.helpers import make_volume
 from umbra.cow.engine import CowVolume
-from umbra.cow.journal import WRITE, Journal
+from umbra.cow.journal import WRITE, ZERO, Journal
 from umbra.frontends import fuse_wire as w
 from umbra.frontends.exports import BlockExport, exports_of
 from umbra.frontends.fuse_blocks import FuseBlockFiles
@@ -148,6 +148,31 @@ def test_edges_fail_cleanly_and_the_file_keeps_working(served: Served, volume: C
     assert volume.read(SIZE - 512, 512) == bytes(512)  # the refused write changed nothing
 
 
+def test_punched_holes_and_zeroed_ranges_go_through_the_engine(served: Served, volume: CowVolume) -> None:
+    requires("fallocate")
+    files, _ = served
+    path = files.image_path()
+    data = random.Random(5).randbytes(4 * MiB)
+    with open(path, "r+b", buffering=0) as f:
+        f.write(data)
+
+    def fallocate(*args: int | str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(["fallocate", *map(str, args), path], capture_output=True, text=True, check=False)
+
+    assert fallocate("--punch-hole", "--offset", MiB, "--length", MiB).returncode == 0
+    assert fallocate("--zero-range", "--offset", 3 * MiB, "--length", 4096).returncode == 0
+    assert fallocate("--punch-hole", "--offset", SIZE - 4096, "--length", MiB).returncode == 0  # cut at the end
+    allocate = fallocate("--offset", 0, "--length", MiB)  # reserving space: nothing to reserve
+    assert allocate.returncode != 0 and "not supported" in allocate.stderr
+    expected = bytearray(data)
+    expected[MiB : 2 * MiB] = bytes(MiB)
+    expected[3 * MiB : 3 * MiB + 4096] = bytes(4096)
+    assert volume.read(0, 4 * MiB) == bytes(expected)
+    assert volume.journal is not None
+    zeros = [(r.offset, r.length) for r in volume.journal.records() if r.kind == ZERO]
+    assert zeros == [(MiB, MiB), (3 * MiB, 4096), (SIZE - 4096, 4096)]
+
+
 def test_concurrent_writers_match_a_model(served: Served, volume: CowVolume) -> None:
     files, _ = served
     model = bytearray(SIZE)
@@ -207,6 +232,8 @@ def test_loop_device_over_the_block_file(served: Served, volume: CowVolume) -> N
             dev.write(data)
             os.fsync(dev.fileno())
         assert volume.read(4 * MiB, 2 * MiB) == data
+        subprocess.run(["blkdiscard", "--offset", str(4 * MiB), "--length", str(MiB), loop], check=True)
+        assert volume.read(4 * MiB, 2 * MiB) == bytes(MiB) + data[MiB:]  # a discard reads as zeros
     finally:
         files.stop()
     assert files.loop_device is None

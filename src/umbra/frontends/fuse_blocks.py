@@ -34,6 +34,7 @@ MAX_BACKGROUND = 24  # asynchronous requests the kernel keeps in flight (loop's 
 MAX_WRITE = 1 << 20
 TIMEOUT = 1  # seconds the kernel may cache names and attributes
 STOP_TIMEOUT = 30  # seconds stop() waits for the request threads after unmounting
+ZEROING_MODES = w.FALLOC_FL_KEEP_SIZE | w.FALLOC_FL_PUNCH_HOLE | w.FALLOC_FL_ZERO_RANGE
 Exports = Callable[[], dict[str, BlockExport]]
 Parts = Sequence[bytes | memoryview]
 
@@ -70,6 +71,7 @@ class FuseBlockFiles:
             w.READ: self._read,
             w.READDIR: self._readdir,
             w.FSYNC: self._fsync,
+            w.FALLOCATE: self._fallocate,
             w.STATFS: self._statfs,
             w.FLUSH: _nothing,  # close(2) is not a durability point; fsync is
             w.RELEASE: _nothing,  # file handles are inode numbers: nothing to free
@@ -285,6 +287,21 @@ class FuseBlockFiles:
                 break
             out += entry
         return (bytes(out),)
+
+    def _fallocate(self, nodeid: int, body: bytes) -> Parts:
+        """Punching a hole or zeroing a range (a loop device's discard and write-zeroes, ``fstrim``,
+        ``blkdiscard``) zeroes it through the engine, as NBD's TRIM does; allocating space is
+        refused (a block file has its volume's size and nothing to reserve)."""
+        fh, offset, length, mode, _ = w.FALLOCATE_IN.unpack_from(body)
+        export = self._export(fh)
+        if export.read_only:
+            raise _Errno(errno.EROFS)
+        if not mode & (w.FALLOC_FL_PUNCH_HOLE | w.FALLOC_FL_ZERO_RANGE) or mode & ~ZEROING_MODES:
+            raise _Errno(errno.EOPNOTSUPP)
+        end = min(offset + length, export.size)  # past the end: nothing there to punch (as for files)
+        if end > offset:
+            export.zero(offset, end - offset, False)
+        return ()
 
     def _fsync(self, nodeid: int, body: bytes) -> Parts:
         export = self._export(nodeid)

@@ -40,6 +40,7 @@ ACCESS = 34
 INTERRUPT = 36
 DESTROY = 38
 BATCH_FORGET = 42
+FALLOCATE = 43
 NO_REPLY = frozenset({FORGET, BATCH_FORGET, INTERRUPT})
 
 # INIT flags umbra asks for
@@ -49,6 +50,7 @@ ASYNC_DIO = 1 << 15
 MAX_PAGES = 1 << 22
 WANTED_FLAGS = ASYNC_READ | BIG_WRITES | ASYNC_DIO | MAX_PAGES
 
+FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, FALLOC_FL_ZERO_RANGE = 0x1, 0x2, 0x10
 FOPEN_DIRECT_IO = 1 << 0
 FATTR_SIZE = 1 << 3
 NOTIFY_INVAL_INODE = 2
@@ -71,6 +73,7 @@ OPEN_OUT = struct.Struct("<QIi")  # fh, open_flags, backing_id
 READ_IN = struct.Struct("<QQIIQII")  # fh, offset, size, read_flags, lock_owner, flags, padding
 WRITE_IN = struct.Struct("<QQIIQII")  # fh, offset, size, write_flags, lock_owner, flags, padding
 WRITE_OUT = struct.Struct("<II")  # size, padding
+FALLOCATE_IN = struct.Struct("<QQQII")  # fh, offset, length, mode, padding
 SETATTR_IN = struct.Struct("<IIQQ")  # valid, padding, fh, size (the rest is not needed)
 DIRENT = struct.Struct("<QQII")  # ino, off, namelen, type (then the name, padded to 8 bytes)
 # blocks, bfree, bavail, files, ffree, bsize, namelen, frsize, padding, spare[6]
