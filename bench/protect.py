@@ -133,36 +133,45 @@ def drop_caches() -> None:
 
 
 def loop_bench(work: Path, size: int, *extra: str, rounds: int = 3) -> dict[str, object]:
-    """ext4 on a plain loop device against ext4 on umbra's loop-over-FUSE, ``rounds`` times each,
-    alternating, on a fresh image with the page cache dropped before every run (single runs of the
-    plain loop swung between 250 and 1200 MB/s here); the ratio is of the medians."""
+    """ext4 on a plain loop device against ext4 on umbra's loop-over-FUSE, with its journal and with
+    ``--no-journal``, ``rounds`` times each, alternating, on a fresh image with the page cache dropped
+    before every run (single runs of the plain loop swung between 250 and 1200 MB/s here); the
+    ratios are of the medians."""
     mib = size // (1 << 20) // 2
     image = work / "loop.img"
     mnt = work / "mnt"
     mnt.mkdir(exist_ok=True)
-    plain: list[float] = []
-    fuse: list[float] = []
+    runs: dict[str, list[float]] = {"plain": [], "umbra": [], "no-journal": []}
     for _ in range(rounds):
-        for runs in (plain, fuse):
+        for variant, results in runs.items():
             image.unlink(missing_ok=True)
             with open(image, "wb") as f:
                 f.truncate(size)
             drop_caches()
-            if runs is plain:
+            if variant == "plain":
                 loop = sh("losetup", "-f", "--show", str(image)).stdout.strip()
                 try:
-                    plain.append(fs_write(loop, mnt, mib))
+                    results.append(fs_write(loop, mnt, mib))
                 finally:
                     sh("losetup", "-d", loop)
                 continue
             state = work / "state-loop"
-            proc = serve_umbra(image, state, "--loop", *extra)
+            proc = serve_umbra(image, state, "--loop", *(("--no-journal",) if variant == "no-journal" else extra))
             try:
-                fuse.append(fs_write(json.loads((state / "volume.json").read_text())["loop"], mnt, mib))
+                results.append(fs_write(json.loads((state / "volume.json").read_text())["loop"], mnt, mib))
             finally:
                 stop(proc)
-    p, u = statistics.median(plain), statistics.median(fuse)
-    return {"plain-loop-MBps": p, "fuse-loop-MBps": u, "ratio": u / p, "plain-runs": plain, "fuse-runs": fuse}
+    p, u, nj = (statistics.median(runs[v]) for v in ("plain", "umbra", "no-journal"))
+    return {
+        "plain-loop-MBps": p,
+        "fuse-loop-MBps": u,
+        "fuse-loop-no-journal-MBps": nj,
+        "ratio": u / p,
+        "journal-cost": 1 - u / nj,
+        "plain-runs": runs["plain"],
+        "fuse-runs": runs["umbra"],
+        "no-journal-runs": runs["no-journal"],
+    }
 
 
 def backup_bench(work: Path, image: Path, size: int) -> dict[str, float]:
@@ -252,9 +261,11 @@ def main() -> None:
         report["loop"] = loop
         print(
             f"ext4 write (dd conv=fsync), medians: plain loop {loop['plain-loop-MBps']:.0f} MB/s, "
-            f"umbra FUSE loop {loop['fuse-loop-MBps']:.0f} MB/s, ratio {loop['ratio']:.2f} "
-            f"(plain {[round(x) for x in loop['plain-runs']]}, umbra {[round(x) for x in loop['fuse-runs']]})"  # type: ignore[attr-defined]
+            f"umbra FUSE loop {loop['fuse-loop-MBps']:.0f} MB/s, ratio {loop['ratio']:.2f}; "
+            f"--no-journal {loop['fuse-loop-no-journal-MBps']:.0f} MB/s, journal cost {loop['journal-cost']:.0%}"
         )
+        for key in ("plain-runs", "fuse-runs", "no-journal-runs"):
+            print(f"  {key}: {[round(x) for x in loop[key]]}")  # type: ignore[attr-defined]
     if "backup" in only:
         b = backup_bench(work, image, size)
         report["backup"] = b
