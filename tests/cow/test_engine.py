@@ -247,6 +247,28 @@ def test_backing_is_held_exclusively(tmp_path: Path) -> None:
     vol.backing.close()
 
 
+def test_flush_marks_follow_each_flush_once_it_is_durable(tmp_path: Path) -> None:
+    """Test-only ``flush_marks``: a ``flush`` mark after every flush, appended once the records
+    before it are durable (the power-loss test models a disk cache with them)."""
+    from umbra.cow.journal import MARK, WRITE, Journal
+
+    journal = Journal.open(tmp_path / "journal", 8 * CHUNK, commit_interval=3600)
+    vol = make_volume(tmp_path, 8 * CHUNK, CHUNK, journal=journal, checkpoint_interval=3600)
+    vol.flush_marks = True
+    vol.write(0, b"a" * CHUNK)
+    vol.write(CHUNK, b"b" * CHUNK)
+    vol.flush()
+    assert journal.durable_seq == journal.last_seq - 1  # everything before the mark
+    vol.write(0, b"c", fua=True)
+    kinds = [(r.kind, r.mark.get("kind")) for r in journal.records(with_data=False)]
+    assert kinds == [(WRITE, None), (WRITE, None), (MARK, "flush"), (WRITE, None), (MARK, "flush")]
+    vol.flush_marks = False
+    vol.flush()
+    assert len(list(journal.records(with_data=False))) == 5
+    vol.stop()
+    journal.close()
+
+
 def test_fua_and_sync_mode_make_the_journal_durable_and_checkpoints_the_volume(tmp_path: Path) -> None:
     """With a journal recording, a flush (FUA, every write with --sync) makes only the journal
     durable: a redo replays it onto the volume after a crash.  A checkpoint makes both durable,

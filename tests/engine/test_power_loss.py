@@ -1,15 +1,17 @@
-"""Power loss under a repository, at the block level (RELIABILITY A3 for a disk that persists in
-order).
+"""Power loss under a repository, at the block level (RELIABILITY A3).
 
 The repository lives on ext4 on a loop device over umbra's own protected volume, so the CDP journal
-records every write the filesystem sends to its disk, in order and timed.  A power cut at any
-instant leaves such a disk holding a prefix of that stream.  For cuts right after each command
-returned and at seeded random instants while commands ran (init, full and incremental backups, a
-prune), the disk is rebuilt as it stood, ext4 recovers its own journal at mount, and then: the
-repository opens, ``check --read-data`` passes, every point listed restores byte-identical to what
-was backed up, and every point whose command returned before the cut (and that no prune started
-before the cut may have deleted) is there.  Not modelled: a disk that reorders or drops writes it
-acknowledged before a flush (the CrashStorage of A3).
+records every write the filesystem sends to its disk, in order and timed, and (a test-only knob)
+a ``flush`` mark after every flush.  Two disks are modelled at each cut: one that keeps writes in
+order (the disk holds a prefix of the stream), and one with a volatile cache (everything before the
+last flush is there; each write since then is kept, dropped or torn into garbage, seeded).  Cuts:
+right after each command returned, at seeded instants while commands ran (init, full and
+incremental backups, a prune), and just before every flush that ended three or more writes (three
+fates each).  The disk is rebuilt as it stood, ext4 recovers its own journal at mount, and then:
+the repository opens, ``check --read-data`` passes (a pack that does not hash to its name fails
+it), every point listed restores byte-identical to what was backed up, and every point whose
+command returned before the cut (and that no prune started before the cut may have deleted) is
+there.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ import pytest
 from tests.conftest import requires
 from tests.engine.helpers import restored, sha, write_at
 from tests.frontends.protect_helpers import Protected
-from umbra.cow.journal import WRITE, ZERO, Journal, Record
+from umbra.cow.journal import MARK, WRITE, ZERO, Journal, Record
 from umbra.errors import UmbraError
 from umbra.repo.backends import LocalBackend
 from umbra.repo.check import check
@@ -40,6 +42,7 @@ MiB = 1 << 20
 DISK = 160 * MiB
 SEED = 20261202
 CUTS_PER_COMMAND = 8
+FATES_PER_WIDE_CUT = 3
 
 
 @dataclass
@@ -89,16 +92,39 @@ def _run_commands(mnt: Path, work: Path) -> list[Command]:
     return commands
 
 
-def _cuts(records: list[Record], commands: list[Command], rng: random.Random) -> list[int]:
-    """How many records the disk holds at each cut: right after each command returned, and up to
-    CUTS_PER_COMMAND seeded counts while it ran (none before init returned: no repository yet)."""
-    times = [r.time_ns for r in records]
-    counts = {len(records)}
+def _cuts(events: list[Record], commands: list[Command], rng: random.Random) -> list[int]:
+    """How many journal events the disk had seen at each cut: right after each command returned,
+    and up to CUTS_PER_COMMAND seeded counts while it ran (none before init returned: no repository
+    yet)."""
+    times = [r.time_ns for r in events]
+    counts = {len(events)}
     for c in commands[1:]:
         first, last = bisect.bisect_right(times, c.started_ns), bisect.bisect_right(times, c.returned_ns)
         counts.add(last)
         counts.update(rng.sample(range(first, last + 1), min(CUTS_PER_COMMAND, last + 1 - first)))
     return sorted(counts)
+
+
+def _apply(fd: int, records: list[Record]) -> None:
+    for r in records:
+        if r.kind == WRITE:
+            os.pwrite(fd, r.data, r.offset)
+        elif r.kind == ZERO:
+            os.pwrite(fd, bytes(r.length), r.offset)
+
+
+def _unflushed_fate(records: list[Record], rng: random.Random) -> tuple[list[Record], str]:
+    """What a volatile disk cache made of the writes since the last flush: each kept, dropped or
+    (a write) trashed with garbage, in any combination."""
+    out, fates = [], []
+    for r in records:
+        fate = rng.choice(["keep", "keep", "drop", "drop", "trash"] if r.kind == WRITE else ["keep", "drop"])
+        fates.append(fate[0])
+        if fate == "keep":
+            out.append(r)
+        elif fate == "trash":
+            out.append(Record(r.seq, r.time_ns, WRITE, r.offset, r.length, rng.randbytes(r.length)))
+    return out, "".join(fates)
 
 
 def _verify(repo_dir: Path, commands: list[Command], cut: str, instant: int, scratch: Path) -> None:
@@ -118,8 +144,11 @@ def _verify(repo_dir: Path, commands: list[Command], cut: str, instant: int, scr
         assert sha(restored(repo, repo.load_point(pid), scratch / "restored.img")) == oracle[pid], (cut, pid)
 
 
-def test_power_loss_at_any_instant_keeps_the_repository_consistent(tmp_path: Path) -> None:
+def test_power_loss_at_any_instant_keeps_the_repository_consistent(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     requires("root", "loop", "mkfs.ext4")
+    monkeypatch.setenv("UMBRA_TESTONLY_FLUSH_MARKS", "1")  # the daemon marks each flush in its journal
     disk = tmp_path / "disk.img"
     with open(disk, "wb") as f:
         f.truncate(DISK)
@@ -140,33 +169,61 @@ def test_power_loss_at_any_instant_keeps_the_repository_consistent(tmp_path: Pat
 
     journal = Journal.open(state / "journal", DISK)
     try:
-        records = [r for r in journal.records() if r.kind in (WRITE, ZERO)]
+        events = [r for r in journal.records() if r.kind in (WRITE, ZERO) or r.mark.get("kind") == "flush"]
     finally:
         journal.close()
-    assert records
+    flushes = [i for i, r in enumerate(events) if r.kind == MARK]
+    assert flushes and len(flushes) < len(events)
 
-    cuts = _cuts(records, commands, random.Random(SEED))
+    rng = random.Random(SEED)
+    cuts = _cuts(events, commands, rng)
     assert len(cuts) >= 25
-    rebuilt = tmp_path / "rebuilt.img"  # the disk as the journal has it, brought forward cut by cut
-    with open(rebuilt, "wb") as f:
-        f.truncate(DISK)
-    fd = os.open(rebuilt, os.O_WRONLY)
+    # and just before every flush that ended three or more writes (the disk's cache the fullest),
+    # each with several fates of those writes
+    wide = {i for n, i in enumerate(flushes) if i - (flushes[n - 1] if n else -1) > 3}
+    wide = {i for i in wide if events[i].time_ns > commands[0].returned_ns}
+    assert wide
+    cuts = sorted(set(cuts) | wide)
     view = tmp_path / "view"
     view.mkdir()
-    applied = 0
+    at_cut = tmp_path / "cut.img"
+    # the disk brought forward cut by cut: with every write it received, and as of its last flush
+    images = {"in order": tmp_path / "in-order.img", "flushed": tmp_path / "flushed.img"}
+    applied = {"in order": 0, "flushed": 0}
+    fds = {}
+    for name, path in images.items():
+        with open(path, "wb") as f:
+            f.truncate(DISK)
+        fds[name] = os.open(path, os.O_WRONLY)
+
+    def check_disk(label: str, instant: int) -> None:
+        subprocess.run(["mount", "-o", "loop", str(at_cut), str(view)], check=True)  # ext4 replays its journal
+        try:
+            _verify(view / "repo", commands, label, instant, tmp_path)
+        finally:
+            subprocess.run(["umount", str(view)], check=True)
+
     try:
         for count in cuts:
-            for r in records[applied:count]:
-                os.pwrite(fd, r.data if r.kind == WRITE else bytes(r.length), r.offset)
-            applied = count
-            # the power went just before the next record arrived
-            instant = records[count].time_ns - 1 if count < len(records) else time.time_ns()
-            at_cut = tmp_path / "cut.img"
-            shutil.copyfile(rebuilt, at_cut)
-            subprocess.run(["mount", "-o", "loop", str(at_cut), str(view)], check=True)  # ext4 replays its journal
-            try:
-                _verify(view / "repo", commands, f"cut after record {count} of {len(records)}", instant, tmp_path)
-            finally:
-                subprocess.run(["umount", str(view)], check=True)
+            flushed = max((i + 1 for i in flushes if i < count), default=0)  # events through the last flush
+            for name, upto in (("in order", count), ("flushed", flushed)):
+                _apply(fds[name], events[applied[name] : upto])
+                applied[name] = upto
+            # the power went just before the next event
+            instant = events[count].time_ns - 1 if count < len(events) else time.time_ns()
+            shutil.copyfile(images["in order"], at_cut)  # a disk that keeps writes in order
+            check_disk(f"cut after event {count} of {len(events)}, in order", instant)
+            unflushed = [r for r in events[flushed:count] if r.kind != MARK]
+            for _ in range(FATES_PER_WIDE_CUT if count in wide else 1 if unflushed else 0):
+                # a disk whose cache lost, kept or tore what was not flushed
+                shutil.copyfile(images["flushed"], at_cut)
+                kept, fates = _unflushed_fate(unflushed, rng)
+                fd = os.open(at_cut, os.O_WRONLY)
+                try:
+                    _apply(fd, kept)
+                finally:
+                    os.close(fd)
+                check_disk(f"cut after event {count} of {len(events)}, unflushed writes {fates}", instant)
     finally:
-        os.close(fd)
+        for fd in fds.values():
+            os.close(fd)

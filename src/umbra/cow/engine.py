@@ -106,6 +106,7 @@ class CowVolume:
         sync: bool = False,
         checkpoint_interval: float = CHECKPOINT_INTERVAL,
         checkpoint_bytes: int = CHECKPOINT_BYTES,
+        flush_marks: bool = False,
     ) -> None:
         if chunk_size < MIN_CHUNK or chunk_size & (chunk_size - 1):
             raise UsageError(f"chunk size must be a power of two of at least {MIN_CHUNK} bytes")
@@ -118,6 +119,8 @@ class CowVolume:
         self.journal = journal
         self.name = name
         self.sync = sync  # every write durable before it is acknowledged
+        # a `flush` mark after each flush (tests model a disk cache that loses unflushed writes)
+        self.flush_marks = flush_marks
         self._cond = threading.Condition()
         self._snaps: dict[str, _Snap] = {}
         self._ranges: list[tuple[int, int, int]] = []  # writes in flight: start, end, journal seq
@@ -176,6 +179,11 @@ class CowVolume:
     def flush(self) -> None:
         """Make every acknowledged write durable: the journal alone while a redo can replay it
         onto the volume (:meth:`WriteLog.covers_volume`), else a checkpoint."""
+        self._flush()
+        if self.flush_marks and self.journal is not None:
+            self.journal.append_mark("flush", "")  # every record before it is durable now
+
+    def _flush(self) -> None:
         if self.journal is not None and self.journal.covers_volume():
             self.journal.commit()
             if self.journal.covers_volume():  # (a failed commit enters a gap)

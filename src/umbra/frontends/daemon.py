@@ -42,6 +42,7 @@ from umbra.frontends.serve import run_loop
 from umbra.repo import cdp
 from umbra.repo.pointref import format_ns
 from umbra.repo.repository import Repository
+from umbra.testing_knobs import testonly_enabled
 from umbra.volume.backing import Backing, open_backing
 from umbra.volume.extents import merge
 from umbra.volume.source import FileSource
@@ -156,6 +157,7 @@ class ProtectDaemon:
                 opts.name,
                 sync=opts.sync,
                 checkpoint_bytes=checkpoint_bytes,
+                flush_marks=testonly_enabled("FLUSH_MARKS"),
             )
             if kept is not None:
                 self.volume.import_snapshots(kept["snapshots"])
