@@ -29,11 +29,18 @@ class Location(NamedTuple):
 
 class Index:
     """Every blob's chosen location (the first one seen), and every pack's full entry list
-    (which may repeat blobs stored elsewhere too, e.g. by two concurrent backups)."""
+    (which may repeat blobs stored elsewhere too, e.g. by two concurrent backups).
+
+    Kept compact, since a large repository lists millions of blobs: a location is one int (pack
+    number, type, offset, length) and a pack's entries are the raw bytes of its index records,
+    made into :class:`PackEntry` tuples only when asked (about 210 bytes per blob instead of 320).
+    """
 
     def __init__(self) -> None:
-        self._blobs: dict[bytes, Location] = {}
-        self._packs: dict[str, list[PackEntry]] = {}
+        self._blobs: dict[bytes, int] = {}  # blob id -> _pack(pack number, type, offset, length)
+        self._pack_ids: list[str] = []
+        self._pack_numbers: dict[str, int] = {}
+        self._packs: dict[str, bytearray] = {}  # pack id -> its INDEX_ENTRY records
 
     def __contains__(self, blob_id: bytes) -> bool:
         return blob_id in self._blobs
@@ -42,24 +49,54 @@ class Index:
         return len(self._blobs)
 
     def get(self, blob_id: bytes) -> Location | None:
-        return self._blobs.get(blob_id)
+        packed = self._blobs.get(blob_id)
+        return None if packed is None else self._location(packed)
 
     def add_pack(self, pack_id: str, entries: Iterable[PackEntry]) -> None:
-        listed = self._packs.setdefault(pack_id, [])
-        known = {(e.blob_id, e.offset) for e in listed}  # a pack listed by several index files
+        number = self._pack_numbers.get(pack_id)
+        if number is None:
+            number = self._pack_numbers[pack_id] = len(self._pack_ids)
+            self._pack_ids.append(pack_id)
+        raw = self._packs.setdefault(pack_id, bytearray())
+        # a pack listed by several index files: its entries once
+        known = {(e.blob_id, e.offset) for e in _entries(raw)} if raw else None
         blobs = self._blobs
+        base = number << _PACK_SHIFT
         for e in entries:
             if e.blob_id not in blobs:
-                blobs[e.blob_id] = Location(pack_id, e.blob_type, e.offset, e.length)
-            if not known or (e.blob_id, e.offset) not in known:
-                listed.append(e)
+                blobs[e.blob_id] = base | e.blob_type << _TYPE_SHIFT | e.offset << _FIELD_BITS | e.length
+            if known is None or (e.blob_id, e.offset) not in known:
+                raw += INDEX_ENTRY.pack(e.blob_type, e.blob_id, e.offset, e.length)
 
     def items(self) -> Iterator[tuple[bytes, Location]]:
-        return iter(self._blobs.items())
+        for blob_id, packed in self._blobs.items():
+            yield blob_id, self._location(packed)
+
+    def pack_ids(self) -> list[str]:
+        return list(self._packs)
 
     def packs(self) -> dict[str, list[PackEntry]]:
-        """Every pack's entries, duplicates included, as index files list them."""
-        return self._packs
+        """Every pack's entries, duplicates included, as index files list them (made on each call)."""
+        return {pack_id: list(_entries(raw)) for pack_id, raw in self._packs.items()}
+
+    def _location(self, packed: int) -> Location:
+        return Location(
+            self._pack_ids[packed >> _PACK_SHIFT],
+            _BLOB_TYPES[packed >> _TYPE_SHIFT & 0xFF],
+            packed >> _FIELD_BITS & _FIELD_MASK,
+            packed & _FIELD_MASK,
+        )
+
+
+_FIELD_BITS = 32  # offset and length are 32-bit in index records
+_FIELD_MASK = (1 << _FIELD_BITS) - 1
+_TYPE_SHIFT = 2 * _FIELD_BITS
+_PACK_SHIFT = _TYPE_SHIFT + 8
+
+
+def _entries(raw: bytes | bytearray) -> Iterator[PackEntry]:
+    for t, blob_id, offset, length in INDEX_ENTRY.iter_unpack(raw):
+        yield PackEntry(_BLOB_TYPES[t], blob_id, offset, length)
 
 
 _BLOB_TYPES = {int(t): t for t in BlobType}  # a dict lookup instead of an Enum call per entry

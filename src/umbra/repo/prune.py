@@ -138,7 +138,7 @@ def collect_garbage(repo: Repository, keep: list[Point], result: PruneResult, st
         if name.split("/", 1)[1] not in new_index_files:
             repo.backend.delete(name)
     step("unindexed")
-    still_listed = set(keep_packs) | set(writer.index.packs())
+    still_listed = set(keep_packs) | set(writer.index.pack_ids())
     for pack_id in stored:
         if pack_id in still_listed:
             continue
