@@ -4,7 +4,7 @@ The repository lives on ext4 on a loop device over umbra's own protected volume,
 records every write the filesystem sends to its disk, in order and timed, and (a test-only knob)
 a ``flush`` mark after every flush.  Two disks are modelled at each cut: one that keeps writes in
 order (the disk holds a prefix of the stream), and one with a volatile cache (everything before the
-last flush is there; each write since then is kept, dropped or torn into garbage, seeded).  Cuts:
+last flush is there; each write since then is kept, dropped or torn at 4 KiB sectors, seeded).  Cuts:
 right after each command returned, at seeded instants while commands ran (init, full and
 incremental backups, a prune), and just before every flush that ended three or more writes (three
 fates each).  The disk is rebuilt as it stood, ext4 recovers its own journal at mount, and then:
@@ -43,6 +43,7 @@ DISK = 160 * MiB
 SEED = 20261202
 CUTS_PER_COMMAND = 8
 FATES_PER_WIDE_CUT = 3
+SECTOR = 4096  # what the disk writes atomically
 
 
 @dataclass
@@ -115,15 +116,19 @@ def _apply(fd: int, records: list[Record]) -> None:
 
 def _unflushed_fate(records: list[Record], rng: random.Random) -> tuple[list[Record], str]:
     """What a volatile disk cache made of the writes since the last flush: each kept, dropped or
-    (a write) trashed with garbage, in any combination."""
+    torn (some of its 4 KiB sectors written, the others not: a sector is written whole or not at
+    all), in any combination."""
     out, fates = [], []
     for r in records:
-        fate = rng.choice(["keep", "keep", "drop", "drop", "trash"] if r.kind == WRITE else ["keep", "drop"])
+        sectors = r.length // SECTOR if r.kind == WRITE and r.offset % SECTOR == 0 else 0
+        fate = rng.choice(["keep", "drop", "tear"] if sectors > 1 and r.length % SECTOR == 0 else ["keep", "drop"])
         fates.append(fate[0])
         if fate == "keep":
             out.append(r)
-        elif fate == "trash":
-            out.append(Record(r.seq, r.time_ns, WRITE, r.offset, r.length, rng.randbytes(r.length)))
+        elif fate == "tear":
+            for i in sorted(rng.sample(range(sectors), rng.randrange(1, sectors))):
+                piece = r.data[i * SECTOR : (i + 1) * SECTOR]
+                out.append(Record(r.seq, r.time_ns, WRITE, r.offset + i * SECTOR, SECTOR, piece))
     return out, "".join(fates)
 
 
@@ -197,7 +202,8 @@ def test_power_loss_at_any_instant_keeps_the_repository_consistent(
         fds[name] = os.open(path, os.O_WRONLY)
 
     def check_disk(label: str, instant: int) -> None:
-        subprocess.run(["mount", "-o", "loop", str(at_cut), str(view)], check=True)  # ext4 replays its journal
+        mount = subprocess.run(["mount", "-o", "loop", str(at_cut), str(view)], capture_output=True, text=True)
+        assert mount.returncode == 0, (label, "ext4 does not mount", mount.stderr)  # (it replays its journal)
         try:
             _verify(view / "repo", commands, label, instant, tmp_path)
         finally:
