@@ -22,7 +22,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from umbra.cow.journal import Journal
-from umbra.errors import UmbraError
+from umbra.errors import IntegrityError, UmbraError
 from umbra.repo import cdp
 from umbra.repo.backends import MemBackend
 from umbra.repo.crypto import Crypto
@@ -36,7 +36,7 @@ from umbra.repo.format import (
     PACK_MAGIC,
     BlobType,
 )
-from umbra.repo.index import decode_index
+from umbra.repo.index import Index, decode_index, decode_index_records
 from umbra.repo.keys import parse_key_file
 from umbra.repo.locks import read_locks
 from umbra.repo.manifest import Point, open_point
@@ -160,7 +160,15 @@ def test_index_files(suite: str, body: bytes, count: int, prefix: bool) -> None:
     crypto = CRYPTOS[suite]
     if prefix:  # past the magic: the entries' parser
         body = INDEX_MAGIC + struct.pack("<I", count) + body
-    only_umbra_errors(lambda: decode_index(crypto, crypto.seal(body, AAD_INDEX), "index/x"))
+    sealed = crypto.seal(body, AAD_INDEX)
+    packs = only_umbra_errors(lambda: decode_index(crypto, sealed, "index/x"))
+    records = only_umbra_errors(lambda: decode_index_records(crypto, sealed, "index/x"))
+    assert (packs is None) == (records is None)
+    if records is not None:  # what the repository loads: the same entries as the parsed form
+        index = Index()
+        for pack_id, raw in records.items():
+            index.add_pack_records(pack_id, raw)
+        assert index.packs() == packs
 
 
 @pytest.mark.parametrize("suite", sorted(CRYPTOS))
@@ -229,6 +237,22 @@ def test_lock_files(body: bytes) -> None:
     backend.create()
     backend.store("locks/ab", body)
     only_umbra_errors(lambda: read_locks(backend))
+
+
+def test_infinite_numbers_are_malformed_not_a_crash() -> None:
+    """JSON's ``Infinity`` parses to a float that ``int()`` cannot take (found by the fuzzer)."""
+    backend = MemBackend()
+    backend.create()
+    backend.store("locks/ab", b'{"exclusive":false,"host":"","pid":Infinity,"refreshed":5}')
+    with pytest.raises(IntegrityError):
+        read_locks(backend)
+    name = f"cdp/{'j' * 32}-{7:016d}-{7:016d}"
+    doc = {"format": 1, "journal": "j" * 32, "volume": "vol", "volume_size": 1 << 20, "records": [VALID_RECORD]}
+    body = json.dumps(doc).replace('"records": [[7,', '"records": [[Infinity,').encode()  # the seq
+    assert b"[[Infinity," in body
+    repo = _Repo(CRYPTOS["aes"], name, zstandard.ZstdCompressor().compress(body))
+    with pytest.raises(IntegrityError):
+        cdp.load_batch(repo, cdp.BatchRef(name, "j" * 32, 7, 7))  # type: ignore[arg-type]
 
 
 def test_a_zstd_bomb_is_refused_without_inflating_it() -> None:

@@ -794,7 +794,7 @@ class Journal:
             if doc.get("boot_id") and doc["boot_id"] == boot_id():
                 return max(durable, int(doc.get("applied", 0)))
             return durable
-        except (ValueError, KeyError, TypeError):
+        except (ValueError, KeyError, TypeError, OverflowError):  # JSON's Infinity is a float too
             return 0
 
     def _saved_checkpoint(self) -> int:

@@ -137,7 +137,7 @@ def load_batch(repo: Repository, ref: BatchRef) -> Batch:
         if not isinstance(volume, str) or type(volume_size) is not int or volume_size < 0:
             raise ValueError("bad volume or size")
         records = [CdpRecord.decode(item) for item in doc["records"]]
-    except (ValueError, KeyError, TypeError, IndexError, RecursionError, zstandard.ZstdError) as exc:
+    except (ValueError, KeyError, TypeError, IndexError, OverflowError, RecursionError, zstandard.ZstdError) as exc:
         raise IntegrityError(f"{what}: malformed ({exc})") from None
     if not records or records[0].seq != ref.first_seq or records[-1].seq != ref.last_seq:
         raise IntegrityError(f"{what}: records do not match its name")

@@ -68,7 +68,7 @@ def read_locks(backend: Backend) -> list[LockInfo]:
             out.append(LockInfo(name, bool(d["exclusive"]), str(d["host"]), int(d["pid"]), float(d["refreshed"])))
         except ObjectMissing:
             continue
-        except (ValueError, KeyError, TypeError, RecursionError):
+        except (ValueError, KeyError, TypeError, OverflowError, RecursionError):
             raise IntegrityError(f"lock file {name} is malformed; remove it by hand if no umbra runs") from None
     return out
 
