@@ -38,3 +38,17 @@ def test_a_pack_listed_by_several_index_files_keeps_its_entries_once() -> None:
     index.add_pack(PACK_A, entries)  # a later index file lists the pack again, with one entry more
     assert index.packs() == {PACK_A: entries}
     assert len(index) == 3
+
+
+def test_raw_records_load_like_entries() -> None:
+    from umbra.repo.format import INDEX_ENTRY
+
+    entries = [PackEntry(BlobType.DATA, os.urandom(32), i * 10, 10) for i in range(3)]
+    records = b"".join(INDEX_ENTRY.pack(e.blob_type, e.blob_id, e.offset, e.length) for e in entries)
+    by_records, by_entries = Index(), Index()
+    by_records.add_pack_records(PACK_A, records)
+    by_entries.add_pack(PACK_A, entries)
+    assert by_records.packs() == by_entries.packs() == {PACK_A: entries}
+    assert dict(by_records.items()) == dict(by_entries.items())
+    by_records.add_pack_records(PACK_A, records)  # listed again by another index file: once
+    assert by_records.packs() == {PACK_A: entries}

@@ -68,6 +68,21 @@ class Index:
             if known is None or (e.blob_id, e.offset) not in known:
                 raw += INDEX_ENTRY.pack(e.blob_type, e.blob_id, e.offset, e.length)
 
+    def add_pack_records(self, pack_id: str, records: bytes) -> None:
+        """:meth:`add_pack` with the pack's raw index records (checked by
+        :func:`decode_index_records`), without making a tuple of each."""
+        if pack_id in self._packs:  # listed before: merge entry by entry
+            self.add_pack(pack_id, _entries(records))
+            return
+        number = self._pack_numbers[pack_id] = len(self._pack_ids)
+        self._pack_ids.append(pack_id)
+        self._packs[pack_id] = bytearray(records)
+        blobs = self._blobs
+        base = number << _PACK_SHIFT
+        for blob_type, blob_id, offset, length in INDEX_ENTRY.iter_unpack(records):
+            if blob_id not in blobs:
+                blobs[blob_id] = base | blob_type << _TYPE_SHIFT | offset << _FIELD_BITS | length
+
     def items(self) -> Iterator[tuple[bytes, Location]]:
         for blob_id, packed in self._blobs.items():
             yield blob_id, self._location(packed)
@@ -120,27 +135,36 @@ def decode_index(crypto: Crypto, data: bytes, what: str) -> dict[str, list[PackE
     Raises:
         IntegrityError: the file does not authenticate or is malformed.
     """
+    return {pack_id: list(_entries(raw)) for pack_id, raw in decode_index_records(crypto, data, what).items()}
+
+
+def decode_index_records(crypto: Crypto, data: bytes, what: str) -> dict[str, bytes]:
+    """Open and parse an index file into each pack's raw entry records (every blob type checked).
+
+    Raises:
+        IntegrityError: the file does not authenticate or is malformed.
+    """
     body = crypto.open(data, AAD_INDEX, what)
     try:
         if body[:8] != INDEX_MAGIC:
             raise ValueError("bad magic")
         count = int.from_bytes(body[8:12], "little")
         pos = 12
-        packs: dict[str, list[PackEntry]] = {}
-        view = memoryview(body)
+        packs: dict[str, bytes] = {}
         for _ in range(count):
             raw_id, n = INDEX_PACK.unpack_from(body, pos)
             pos += INDEX_PACK.size
             end = pos + n * INDEX_ENTRY.size
             if end > len(body):
                 raise ValueError("entries past the end")
-            packs[raw_id.hex()] = [
-                PackEntry(_BLOB_TYPES[t], bid, off, length)
-                for t, bid, off, length in INDEX_ENTRY.iter_unpack(view[pos:end])
-            ]
+            records = body[pos:end]
+            unknown = set(records[:: INDEX_ENTRY.size]) - _BLOB_TYPES.keys()  # each record starts with its type
+            if unknown:
+                raise ValueError(f"unknown blob type {min(unknown)}")
+            packs[raw_id.hex()] = records
             pos = end
         if pos != len(body):
             raise ValueError("trailing bytes")
         return packs
-    except (ValueError, IndexError, KeyError, struct.error) as exc:
+    except (ValueError, IndexError, struct.error) as exc:
         raise IntegrityError(f"{what}: malformed index ({exc!r})") from None

@@ -47,7 +47,7 @@ from umbra.repo.format import (
     TREE_HEADER,
     BlobType,
 )
-from umbra.repo.index import Index, Location, decode_index
+from umbra.repo.index import Index, Location, decode_index_records
 from umbra.repo.locks import Lock
 from umbra.repo.manifest import Point, open_point, seal_point
 from umbra.repo.pack import pack_name
@@ -216,8 +216,8 @@ class Repository:
     def load_index(self) -> Index:
         index = Index()
         for name in self.backend.list("index"):
-            for pack_id, entries in decode_index(self.crypto, self.backend.load(name), name).items():
-                index.add_pack(pack_id, entries)
+            for pack_id, records in decode_index_records(self.crypto, self.backend.load(name), name).items():
+                index.add_pack_records(pack_id, records)
         return index
 
     def store_content_addressed(self, name: str, data: bytes) -> None:
