@@ -53,30 +53,21 @@ class Index:
         return None if packed is None else self._location(packed)
 
     def add_pack(self, pack_id: str, entries: Iterable[PackEntry]) -> None:
-        number = self._pack_numbers.get(pack_id)
-        if number is None:
-            number = self._pack_numbers[pack_id] = len(self._pack_ids)
-            self._pack_ids.append(pack_id)
-        raw = self._packs.setdefault(pack_id, bytearray())
-        # a pack listed by several index files: its entries once
-        known = {(e.blob_id, e.offset) for e in _entries(raw)} if raw else None
-        blobs = self._blobs
-        base = number << _PACK_SHIFT
-        for e in entries:
-            if e.blob_id not in blobs:
-                blobs[e.blob_id] = base | e.blob_type << _TYPE_SHIFT | e.offset << _FIELD_BITS | e.length
-            if known is None or (e.blob_id, e.offset) not in known:
-                raw += INDEX_ENTRY.pack(e.blob_type, e.blob_id, e.offset, e.length)
+        self.add_pack_records(pack_id, b"".join(INDEX_ENTRY.pack(*e) for e in entries))
 
     def add_pack_records(self, pack_id: str, records: bytes) -> None:
-        """:meth:`add_pack` with the pack's raw index records (checked by
-        :func:`decode_index_records`), without making a tuple of each."""
-        if pack_id in self._packs:  # listed before: merge entry by entry
-            self.add_pack(pack_id, _entries(records))
-            return
-        number = self._pack_numbers[pack_id] = len(self._pack_ids)
-        self._pack_ids.append(pack_id)
-        self._packs[pack_id] = bytearray(records)
+        """A pack's raw index records (as :func:`decode_index_records` checked them)."""
+        raw = self._packs.get(pack_id)
+        if raw is None:
+            number = self._pack_numbers[pack_id] = len(self._pack_ids)
+            self._pack_ids.append(pack_id)
+            self._packs[pack_id] = bytearray(records)
+        else:  # a pack listed by several index files: its entries once
+            number = self._pack_numbers[pack_id]
+            known = {(blob_id, offset) for _, blob_id, offset, _ in INDEX_ENTRY.iter_unpack(raw)}
+            for record in INDEX_ENTRY.iter_unpack(records):
+                if (record[1], record[2]) not in known:
+                    raw += INDEX_ENTRY.pack(*record)
         blobs = self._blobs
         base = number << _PACK_SHIFT
         for blob_type, blob_id, offset, length in INDEX_ENTRY.iter_unpack(records):
@@ -88,7 +79,7 @@ class Index:
             yield blob_id, self._location(packed)
 
     def pack_ids(self) -> list[str]:
-        return list(self._packs)
+        return list(self._pack_ids)
 
     def packs(self) -> dict[str, list[PackEntry]]:
         """Every pack's entries, duplicates included, as index files list them (made on each call)."""
