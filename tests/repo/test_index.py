@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 
+import pytest
+
 from umbra.repo.format import BlobType
 from umbra.repo.index import Index, Location
 from umbra.repo.pack import PackEntry
@@ -52,3 +54,16 @@ def test_raw_records_load_like_entries() -> None:
     assert dict(by_records.items()) == dict(by_entries.items())
     by_records.add_pack_records(PACK_A, records)  # listed again by another index file: once
     assert by_records.packs() == {PACK_A: entries}
+
+
+def test_an_index_without_pack_lists_keeps_locations_only() -> None:
+    entries = [PackEntry(BlobType.DATA, os.urandom(32), i * 10, 10) for i in range(3)]
+    full, light = Index(), Index(pack_lists=False)
+    for index in (full, light):
+        index.add_pack(PACK_A, entries)
+        index.add_pack(PACK_B, entries[:1])  # a copy elsewhere: listed, not chosen
+    assert dict(light.items()) == dict(full.items())
+    assert light.pack_ids() == full.pack_ids() == [PACK_A, PACK_B]
+    assert light.nbytes < full.nbytes
+    with pytest.raises(RuntimeError):
+        light.packs()

@@ -40,7 +40,7 @@ class CheckResult:
 
 
 def _load_index(repo: Repository, res: CheckResult) -> tuple[Index, dict[str, list[PackEntry]]]:
-    index = Index()
+    index = Index(pack_lists=False)  # (the pack lists are kept below)
     packs: dict[str, list[PackEntry]] = {}
     for name in repo.backend.list("index"):
         try:

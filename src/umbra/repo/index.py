@@ -13,6 +13,7 @@ from typing import NamedTuple
 import blake3
 
 from umbra.errors import IntegrityError
+from umbra.repo.blobtable import BlobTable
 from umbra.repo.crypto import Crypto
 from umbra.repo.format import AAD_INDEX, INDEX_ENTRY, INDEX_MAGIC, INDEX_PACK, BlobType
 from umbra.repo.pack import PackEntry
@@ -28,19 +29,21 @@ class Location(NamedTuple):
 
 
 class Index:
-    """Every blob's chosen location (the first one seen), and every pack's full entry list
-    (which may repeat blobs stored elsewhere too, e.g. by two concurrent backups).
+    """Every blob's chosen location (the first one seen) and, when asked for, every pack's full
+    entry list (which may repeat blobs stored elsewhere too, e.g. by two concurrent backups).
 
-    Kept compact, since a large repository lists millions of blobs: a location is one int (pack
-    number, type, offset, length) and a pack's entries are the raw bytes of its index records,
-    made into :class:`PackEntry` tuples only when asked (about 210 bytes per blob instead of 320).
+    Kept compact, since a large repository lists millions of blobs: locations live in a
+    :class:`BlobTable` (about 60 bytes a blob), and the pack lists, which only prune needs
+    (``pack_lists=True``), are the raw bytes of their index records, made into :class:`PackEntry`
+    tuples only when asked.
     """
 
-    def __init__(self) -> None:
-        self._blobs: dict[bytes, int] = {}  # blob id -> _pack(pack number, type, offset, length)
+    def __init__(self, pack_lists: bool = True) -> None:
+        self.pack_lists = pack_lists
+        self._blobs = BlobTable()
         self._pack_ids: list[str] = []
         self._pack_numbers: dict[str, int] = {}
-        self._packs: dict[str, bytearray] = {}  # pack id -> its INDEX_ENTRY records
+        self._packs: dict[str, bytearray] = {}  # pack id -> its INDEX_ENTRY records (with pack_lists)
 
     def __contains__(self, blob_id: bytes) -> bool:
         return blob_id in self._blobs
@@ -48,56 +51,55 @@ class Index:
     def __len__(self) -> int:
         return len(self._blobs)
 
+    @property
+    def nbytes(self) -> int:
+        """Memory held by the locations and pack lists (for benchmarks and ``--debug``)."""
+        return self._blobs.nbytes + sum(len(raw) for raw in self._packs.values())
+
     def get(self, blob_id: bytes) -> Location | None:
-        packed = self._blobs.get(blob_id)
-        return None if packed is None else self._location(packed)
+        found = self._blobs.get(blob_id)
+        return None if found is None else self._location(found)
+
+    def reserve(self, blobs: int) -> None:
+        """Make room for ``blobs`` locations in all before adding them (one table build)."""
+        self._blobs.reserve(blobs)
 
     def add_pack(self, pack_id: str, entries: Iterable[PackEntry]) -> None:
         self.add_pack_records(pack_id, b"".join(INDEX_ENTRY.pack(*e) for e in entries))
 
     def add_pack_records(self, pack_id: str, records: bytes) -> None:
         """A pack's raw index records (as :func:`decode_index_records` checked them)."""
-        raw = self._packs.get(pack_id)
-        if raw is None:
+        number = self._pack_numbers.get(pack_id)
+        if number is None:
             number = self._pack_numbers[pack_id] = len(self._pack_ids)
             self._pack_ids.append(pack_id)
-            self._packs[pack_id] = bytearray(records)
-        else:  # a pack listed by several index files: its entries once
-            number = self._pack_numbers[pack_id]
-            known = {(blob_id, offset) for _, blob_id, offset, _ in INDEX_ENTRY.iter_unpack(raw)}
-            for record in INDEX_ENTRY.iter_unpack(records):
-                if (record[1], record[2]) not in known:
-                    raw += INDEX_ENTRY.pack(*record)
-        blobs = self._blobs
-        base = number << _PACK_SHIFT
-        for blob_type, blob_id, offset, length in INDEX_ENTRY.iter_unpack(records):
-            if blob_id not in blobs:
-                blobs[blob_id] = base | blob_type << _TYPE_SHIFT | offset << _FIELD_BITS | length
+        if self.pack_lists:
+            raw = self._packs.get(pack_id)
+            if raw is None:
+                self._packs[pack_id] = bytearray(records)
+            else:  # a pack listed by several index files: its entries once
+                known = {(blob_id, offset) for _, blob_id, offset, _ in INDEX_ENTRY.iter_unpack(raw)}
+                for record in INDEX_ENTRY.iter_unpack(records):
+                    if (record[1], record[2]) not in known:
+                        raw += INDEX_ENTRY.pack(*record)
+        self._blobs.add_many(number, INDEX_ENTRY.iter_unpack(records))
 
     def items(self) -> Iterator[tuple[bytes, Location]]:
-        for blob_id, packed in self._blobs.items():
-            yield blob_id, self._location(packed)
+        for blob_id, found in self._blobs.items():
+            yield blob_id, self._location(found)
 
     def pack_ids(self) -> list[str]:
         return list(self._pack_ids)
 
     def packs(self) -> dict[str, list[PackEntry]]:
         """Every pack's entries, duplicates included, as index files list them (made on each call)."""
+        if not self.pack_lists:
+            raise RuntimeError("this index was loaded without pack lists")
         return {pack_id: list(_entries(raw)) for pack_id, raw in self._packs.items()}
 
-    def _location(self, packed: int) -> Location:
-        return Location(
-            self._pack_ids[packed >> _PACK_SHIFT],
-            _BLOB_TYPES[packed >> _TYPE_SHIFT & 0xFF],
-            packed >> _FIELD_BITS & _FIELD_MASK,
-            packed & _FIELD_MASK,
-        )
-
-
-_FIELD_BITS = 32  # offset and length are 32-bit in index records
-_FIELD_MASK = (1 << _FIELD_BITS) - 1
-_TYPE_SHIFT = 2 * _FIELD_BITS
-_PACK_SHIFT = _TYPE_SHIFT + 8
+    def _location(self, found: tuple[int, int, int, int]) -> Location:
+        pack, blob_type, offset, length = found
+        return Location(self._pack_ids[pack], _BLOB_TYPES[blob_type], offset, length)
 
 
 def _entries(raw: bytes | bytearray) -> Iterator[PackEntry]:

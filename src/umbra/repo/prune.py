@@ -99,7 +99,7 @@ def prune(
 
 
 def collect_garbage(repo: Repository, keep: list[Point], result: PruneResult, step: Hook) -> None:
-    index = repo.index
+    index = repo.index_with_pack_lists()
     live = live_blobs(repo, keep)
     for ref in cdp.list_batches(repo):
         live.update(cdp.referenced_blobs(cdp.load_batch(repo, ref)))
@@ -121,7 +121,7 @@ def collect_garbage(repo: Repository, keep: list[Point], result: PruneResult, st
             repack[pack_id] = alive
         else:
             keep_packs[pack_id] = entries
-    writer = BlobWriter(repo, index=Index())
+    writer = BlobWriter(repo, index=Index(pack_lists=False))
     for pack_id, entries in repack.items():
         for e in entries:
             envelope = repo.backend.load(pack_name(pack_id), e.offset, e.length)

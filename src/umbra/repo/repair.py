@@ -73,7 +73,7 @@ def repair(repo: Repository, report: Report | None = None) -> RepairResult:
             have.update(e.blob_id for e in entries)
         else:
             salvage[pack_id] = good
-    writer = BlobWriter(repo, index=Index())
+    writer = BlobWriter(repo, index=Index(pack_lists=False))
     for pack_id, good in salvage.items():
         for e, plain in good:
             if e.blob_id not in have:

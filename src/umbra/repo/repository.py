@@ -42,6 +42,7 @@ from umbra.repo.format import (
     DEFAULT_FANOUT,
     DEFAULT_PACK_TARGET,
     FORMAT_VERSION,
+    INDEX_ENTRY,
     MAX_BLOCK_SIZE,
     MIN_BLOCK_SIZE,
     TREE_HEADER,
@@ -213,10 +214,22 @@ class Repository:
             self._index = self.load_index()
         return self._index
 
-    def load_index(self) -> Index:
-        index = Index()
-        for name in self.backend.list("index"):
-            for pack_id, records in decode_index_records(self.crypto, self.backend.load(name), name).items():
+    def index_with_pack_lists(self) -> Index:
+        """The index with every pack's full entry list (prune needs them; backups and restores do
+        not, and a large repository's lists cost about 45 bytes a blob)."""
+        if self._index is None or not self._index.pack_lists:
+            self._index = None  # (the lighter one goes first)
+            self._index = self.load_index(pack_lists=True)
+        return self._index
+
+    def load_index(self, pack_lists: bool = False) -> Index:
+        index = Index(pack_lists)
+        files = [
+            decode_index_records(self.crypto, self.backend.load(name), name) for name in self.backend.list("index")
+        ]
+        index.reserve(sum(len(records) for packs in files for records in packs.values()) // INDEX_ENTRY.size)
+        for packs in files:
+            for pack_id, records in packs.items():
                 index.add_pack_records(pack_id, records)
         return index
 
