@@ -133,34 +133,43 @@ def run(
         target = open_target(target_path, point.size, force)
     written = 0
     damaged: list[int] = []
-    fetch = (lambda group: _fetch_or_zeros(repo, point, group)) if allow_damaged else (lambda g: fetch_blocks(repo, g))
+
+    def fetch(group: list[tuple[int, bytes]]) -> list[tuple[int, bytes]]:
+        return _fetch_or_zeros(repo, point, group) if allow_damaged else fetch_blocks(repo, group)
+
+    def write(blocks: list[tuple[int, bytes]]) -> tuple[int, list[int]]:
+        """Write one group's blocks; (bytes of data written, damaged block numbers written as zeros)."""
+        target.write_many(((b * bs, data) for b, data in blocks if data), bs)
+        bad = [b for b, data in blocks if not data]  # --allow-damaged: zeros (the target may hold data there)
+        for b in bad:
+            write_zeros(target.fd, b * bs, min(bs, point.size - b * bs))
+        return sum(len(data) for _, data in blocks), bad
+
+    def fetch_and_write(group: list[tuple[int, bytes]]) -> tuple[int, list[int]]:
+        return write(fetch(group))
+
     try:
         reader = tree_reader(repo, point, tolerate_damage=allow_damaged)
         progress.start(f"restore {point.volume}", point.size)
         next_block = 0
-        inflight: deque[Future[list[tuple[int, bytes]]]] = deque()
+        inflight: deque[Future[Any]] = deque()
         with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="umbra-fetch") as pool:
 
             def drain(limit: int) -> None:
                 nonlocal written
                 while len(inflight) > limit:
-                    for b, data in inflight.popleft().result():
-                        if not data:  # damaged, --allow-damaged: zeros (the target may hold data there)
-                            damaged.append(b)
-                            length = min(bs, point.size - b * bs)
-                            write_zeros(target.fd, b * bs, length)
-                            progress.advance(length)
-                            continue
-                        target.write_at(b * bs, data)
-                        written += len(data)
-                        progress.advance(len(data))
+                    # a stream (ordered) is written here, in order; anything else by the workers
+                    n, bad = write(inflight.popleft().result()) if target.ordered else inflight.popleft().result()
+                    written += n
+                    damaged.extend(bad)
+                    progress.advance(n + sum(min(bs, point.size - b * bs) for b in bad))
 
             for group in _groups(reader.blocks(), GROUP_BLOCKS):
                 for b, _ in group:  # explicit zeros between data blocks (devices only)
                     if b > next_block:
                         target.zero_range(next_block * bs, (b - next_block) * bs)
                     next_block = b + 1
-                inflight.append(pool.submit(fetch, group))
+                inflight.append(pool.submit(fetch if target.ordered else fetch_and_write, group))
                 drain(workers * 2)
             drain(0)
         target.zero_range(next_block * bs, point.size - next_block * bs)

@@ -78,6 +78,8 @@ class SendStream:
 class ReceiveTarget(Target):
     """``btrfs receive`` into a directory, fed the stream strictly in order."""
 
+    ordered = True
+
     def __init__(self, directory: str) -> None:
         fs = filesystem_of(directory) if os.path.isdir(directory) else None
         if fs is None or fs.fstype != "btrfs":
