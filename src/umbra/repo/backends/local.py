@@ -3,12 +3,20 @@
 All writes go through :func:`atomic_write`: temporary file in the same directory, write, fsync,
 rename, fsync the directory.  An fsync failure is fatal for the object (never retried, after
 PostgreSQL's fsyncgate): the temporary file is removed and the error raised.
+
+Large objects (packs) are written with O_DIRECT from a page-aligned copy: on this kind of VM,
+copying into fresh page-cache pages was a fifth of a backup's CPU time (SPEC section 7), and a
+pack is not read again soon.  Their unaligned end, small objects, and filesystems that refuse
+O_DIRECT go through the page cache.
 """
 
 from __future__ import annotations
 
 import errno
+import fcntl
+import mmap
 import os
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -23,6 +31,47 @@ def _io_error(name: str, exc: OSError) -> RepositoryIOError:
     return RepositoryIOError(name=name, reason=exc.strerror or str(exc))
 
 
+DIRECT_MIN = 1 << 20  # objects at least this big are written with O_DIRECT
+_ALIGN = 4096
+_staging = threading.local()  # each writing thread's page-aligned buffer
+
+
+def _write_all(fd: int, data: bytes | memoryview) -> None:
+    view = memoryview(data)
+    while view:
+        written = os.write(fd, view)
+        view = view[written:]
+
+
+def _write_direct(fd: int, data: bytes) -> None:
+    """Write ``data`` at the start of ``fd`` (opened with O_DIRECT): the page-aligned bulk from a
+    page-aligned copy in one write, then, O_DIRECT cleared, the rest (and whatever a short write,
+    on a filling disk, left)."""
+    bulk = len(data) // _ALIGN * _ALIGN
+    buf: mmap.mmap | None = getattr(_staging, "buffer", None)
+    if buf is None or len(buf) < bulk:
+        if buf is not None:
+            buf.close()
+        buf = _staging.buffer = mmap.mmap(-1, -(-bulk // (1 << 20)) << 20)
+    buf[:bulk] = memoryview(data)[:bulk]
+    with memoryview(buf) as view:
+        written = os.write(fd, view[:bulk]) if bulk else 0
+    fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~os.O_DIRECT)
+    _write_all(fd, memoryview(data)[written:])
+
+
+def _create(tmp: Path, direct: bool) -> tuple[int, bool]:
+    """Create the temporary file; (fd, opened with O_DIRECT)."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL
+    if direct:
+        try:
+            return os.open(tmp, flags | os.O_DIRECT, 0o600), True
+        except OSError as exc:
+            if exc.errno != errno.EINVAL:  # EINVAL: this filesystem has no O_DIRECT
+                raise
+    return os.open(tmp, flags, 0o600), False
+
+
 def atomic_write(path: Path, data: bytes, replace: bool = False) -> None:
     """Publish ``data`` at ``path`` atomically and durably.
 
@@ -33,12 +82,12 @@ def atomic_write(path: Path, data: bytes, replace: bool = False) -> None:
     if not replace and path.exists():
         raise FileExistsError(str(path))
     tmp = path.with_name(f".tmp-{path.name}-{os.getpid()}-{os.urandom(4).hex()}")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    fd, direct = _create(tmp, len(data) >= DIRECT_MIN)
     try:
-        view = memoryview(data)
-        while view:
-            written = os.write(fd, view)
-            view = view[written:]
+        if direct:
+            _write_direct(fd, data)
+        else:
+            _write_all(fd, data)
         os.fsync(fd)
     except BaseException:
         os.close(fd)
