@@ -3,15 +3,14 @@
 from __future__ import annotations
 
 import os
-import stat
 from datetime import datetime
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
 from umbra.cli.common import JsonOption, RepoOption, emit_json, human_bytes, open_repository, stderr, stdout
 from umbra.engine import files as engine_files
-from umbra.volume.filesystem import Entry
+from umbra.engine.isolated import run_isolated
 
 _SINGULAR = {
     "files": "file",
@@ -23,14 +22,20 @@ _SINGULAR = {
 PointArgument = Annotated[str, typer.Argument(help="Point: id prefix, VOLUME@latest or VOLUME@TIME.")]
 
 
-def _line(entry: Entry, show_path: bool) -> str:
-    when = datetime.fromtimestamp(entry.mtime_ns / 1e9).strftime("%Y-%m-%d %H:%M")
-    name = (entry.path if show_path else entry.name).decode(errors="replace")
-    size = f"{entry.rdev[0]}, {entry.rdev[1]}" if entry.kind in ("char", "block") else str(entry.size)
-    line = f"{stat.filemode(entry.st_mode)} {entry.nlink:>3} {entry.uid:>5} {entry.gid:>5} {size:>12} {when} {name}"
-    if entry.kind == "symlink":
-        line += " -> " + entry.link_target.decode(errors="replace")
+def _line(doc: dict[str, Any], show_path: bool) -> str:
+    """One ``ls -l`` style line of an entry as :func:`umbra.engine.files.describe` gives it."""
+    when = datetime.fromtimestamp(int(doc["mtime_ns"]) / 1e9).strftime("%Y-%m-%d %H:%M")
+    name = str(doc["path"] if show_path else doc["name"])
+    size = f"{doc['rdev'][0]}, {doc['rdev'][1]}" if "rdev" in doc else str(doc["size"])
+    line = f"{doc['mode_string']} {doc['nlink']:>3} {doc['uid']:>5} {doc['gid']:>5} {size:>12} {when} {name}"
+    if "target" in doc:
+        line += " -> " + str(doc["target"])
     return line
+
+
+def _printable(text: str) -> str:
+    """A name as the terminal shows it: undecodable bytes as \\xNN (they came in as surrogates)."""
+    return text.encode(errors="surrogateescape").decode(errors="backslashreplace")
 
 
 def ls(
@@ -42,18 +47,13 @@ def ls(
 ) -> None:
     """List files inside a point's filesystem (ext2/3/4, FAT, exFAT, NTFS, ...) without mounting it."""
     with open_repository(repo) as r:
-        p, _, fs = engine_files.open_filesystem(r, point)
-        top = fs.lookup(path)
-        if recursive:
-            entries = list(engine_files.walk(fs, top))[1:] if top.kind == "dir" else [top]
-        else:
-            entries = list(fs.children(top)) if top.kind == "dir" else [top]
-    entries.sort(key=lambda e: e.path)
+        image = engine_files.open_image(r, point)
+        listing = run_isolated(lambda progress: engine_files.list_files(image, path, recursive, progress.tick), point)
     if json_out:
-        emit_json({"point": p.id, "filesystem": fs.type_name, "entries": [engine_files.describe(e) for e in entries]})
+        emit_json(listing)
         return
-    for entry in entries:
-        stdout.print(_line(entry, recursive), markup=False)
+    for doc in listing["entries"]:
+        stdout.print(_printable(_line(doc, recursive)), markup=False)
 
 
 def extract(
@@ -65,27 +65,28 @@ def extract(
 ) -> None:
     """Restore files from a point's filesystem into DEST, reading only the blocks they need."""
     with open_repository(repo) as r:
-        p, view, fs = engine_files.open_filesystem(r, point)
-        result = engine_files.extract(fs, path, dest)
-    for warning in result.warnings:
+        image = engine_files.open_image(r, point)
+        result = run_isolated(lambda progress: engine_files.extract_files(image, path, dest, progress.tick), point)
+    for warning in result["warnings"]:
         stderr.print(f"warning: {warning}", markup=False)
     if json_out:
         emit_json(
             {
-                "point": p.id,
+                "point": result["point"],
                 "path": path,
                 "dest": os.path.abspath(dest),
-                "counts": result.counts,
-                "bytes_written": result.bytes_written,
-                "bytes_fetched": view.bytes_fetched,
-                "warnings": result.warnings,
+                "counts": result["counts"],
+                "bytes_written": result["bytes_written"],
+                "bytes_fetched": result["bytes_fetched"],
+                "warnings": result["warnings"],
             }
         )
         return
-    counts = ", ".join(f"{n} {kind if n != 1 else _SINGULAR[kind]}" for kind, n in sorted(result.counts.items()))
+    counts = ", ".join(f"{n} {kind if n != 1 else _SINGULAR[kind]}" for kind, n in sorted(result["counts"].items()))
     counts = counts or "nothing"
     stdout.print(
-        f"extracted {counts} ({human_bytes(result.bytes_written)} of data) from point {p.short_id} of {p.volume} "
-        f"into {dest}; read {human_bytes(view.bytes_fetched)} of the {human_bytes(p.size)} image",
+        f"extracted {counts} ({human_bytes(result['bytes_written'])} of data) from point {result['short_id']} of "
+        f"{result['volume']} into {dest}; read {human_bytes(result['bytes_fetched'])} of the "
+        f"{human_bytes(result['size'])} image",
         markup=False,
     )

@@ -6,6 +6,12 @@ checked to be one path component, every file and directory is created relative t
 directory descriptor with ``O_NOFOLLOW``/``O_EXCL``, and nothing that exists is overwritten or
 followed.  Ownership is restored when running as root; extended attributes when the target
 filesystem accepts them (what it refuses is reported, not fatal).
+
+:func:`list_files` and :func:`extract_files` are the jobs behind ``ls`` and ``extract``; the CLI
+resolves the point (:func:`open_image`) and then runs them in a child process
+(:mod:`umbra.engine.isolated`), since the filesystem they parse came from the backed-up machine.
+``tick`` is called whenever they get somewhere: an entry, file data, or a part of the image not
+read before.
 """
 
 from __future__ import annotations
@@ -14,7 +20,7 @@ import contextlib
 import errno
 import os
 import stat
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -27,17 +33,99 @@ from umbra.volume.blockio import pwrite_all
 from umbra.volume.filesystem import Entry, FileSystem
 
 MAX_DEPTH = 4096
+WATCH_CHUNK = 64 * 1024  # granularity of "a part of the image not read before"
+Tick = Callable[[], None]
 
 
-def open_filesystem(repo: Repository, ref: str) -> tuple[Point, BlockView, FileSystem]:
-    """The filesystem inside the state that ``ref`` names (a point, or VOLUME@TIME)."""
+class NewReads:
+    """A reader that calls ``tick`` when a read touches a chunk of the image for the first time
+    (re-reading the same blocks, as a parser caught in a loop does, is no progress)."""
+
+    def __init__(self, read: Callable[[int, int], bytes], size: int, tick: Tick) -> None:
+        self._read, self._tick = read, tick
+        self._chunks = -(-size // WATCH_CHUNK)
+        self._seen = bytearray(-(-self._chunks // 8))
+
+    def __call__(self, offset: int, length: int) -> bytes:
+        data = self._read(offset, length)
+        last = min((offset + max(length, 1) - 1) // WATCH_CHUNK, self._chunks - 1)
+        for chunk in range(offset // WATCH_CHUNK, last + 1):
+            byte, bit = divmod(chunk, 8)
+            if not self._seen[byte] >> bit & 1:
+                self._seen[byte] |= 1 << bit
+                self._tick()
+        return data
+
+
+@dataclass
+class PointImage:
+    """The volume image of a point (or VOLUME@TIME), resolved and ready to be read."""
+
+    ref: str
+    point: Point
+    view: BlockView
+
+    def filesystem(self, tick: Tick | None = None) -> FileSystem:
+        read = self.view.read if tick is None else NewReads(self.view.read, self.view.size, tick)
+        return FileSystem(read, self.view.size, f"{self.ref} (point {self.point.short_id} of {self.point.volume})")
+
+
+def open_image(repo: Repository, ref: str) -> PointImage:
+    """Resolve ``ref`` and load the index: the repository's part of the work, done before the
+    filesystem is parsed (in a child, where a slow index load would look like a stalled parser)."""
     inst, view = open_state(repo, ref)
     point = inst.point
     if point.content == btrfs_send.CONTENT:
         raise FileSystemError(
             point=ref, reason="a btrfs subvolume stored as its send stream: `umbra restore` it into a btrfs directory"
         )
-    return point, view, FileSystem(view.read, view.size, f"{ref} (point {point.short_id} of {point.volume})")
+    repo.index  # noqa: B018 - loaded now, inherited by the child
+    return PointImage(ref, point, view)
+
+
+def open_filesystem(repo: Repository, ref: str) -> tuple[Point, BlockView, FileSystem]:
+    """The filesystem inside the state that ``ref`` names (a point, or VOLUME@TIME)."""
+    image = open_image(repo, ref)
+    return image.point, image.view, image.filesystem()
+
+
+def list_entries(fs: FileSystem, path: str = "/", recursive: bool = False, tick: Tick | None = None) -> list[Entry]:
+    """What ``ls`` shows: the entries of directory ``path`` (or everything below it), or the one
+    entry ``path`` names; sorted by path."""
+    top = fs.lookup(path)
+    if top.kind != "dir":
+        return [top]
+    entries = []
+    for entry in walk(fs, top) if recursive else fs.children(top):
+        entries.append(entry)
+        if tick is not None:
+            tick()
+    if recursive:
+        entries = entries[1:]  # (top itself)
+    return sorted(entries, key=lambda e: e.path)
+
+
+def list_files(image: PointImage, path: str = "/", recursive: bool = False, tick: Tick | None = None) -> dict[str, Any]:
+    """The ``ls`` job: ``{"point", "filesystem", "entries": [describe(entry), ...]}``."""
+    fs = image.filesystem(tick)
+    entries = list_entries(fs, path, recursive, tick)
+    return {"point": image.point.id, "filesystem": fs.type_name, "entries": [describe(e) for e in entries]}
+
+
+def extract_files(image: PointImage, path: str, dest: str, tick: Tick | None = None) -> dict[str, Any]:
+    """The ``extract`` job: what :func:`extract` did, and what it read of which point."""
+    point = image.point
+    result = extract(image.filesystem(tick), path, dest, tick=tick)
+    return {
+        "point": point.id,
+        "short_id": point.short_id,
+        "volume": point.volume,
+        "size": point.size,
+        "counts": result.counts,
+        "bytes_written": result.bytes_written,
+        "bytes_fetched": image.view.bytes_fetched,
+        "warnings": result.warnings,
+    }
 
 
 def walk(fs: FileSystem, top: Entry) -> Iterator[Entry]:
@@ -86,8 +174,9 @@ class ExtractResult:
 
 
 class _Extractor:
-    def __init__(self, fs: FileSystem, dest: str, owners: bool) -> None:
+    def __init__(self, fs: FileSystem, dest: str, owners: bool, tick: Tick | None = None) -> None:
         self.fs = fs
+        self.tick = tick or _no_progress
         self.dest = dest
         self.owners = owners
         self.result = ExtractResult()
@@ -124,6 +213,7 @@ class _Extractor:
             self._one(dir_fd, rel, child, depth + 1, seen)
 
     def _one(self, dir_fd: int, parent_rel: bytes, entry: Entry, depth: int, seen: set[int]) -> None:
+        self.tick()
         if not safe_name(entry.name):
             self.warn(f"skipped an entry with an unsafe name {entry.name!r} in {entry.path[: -len(entry.name)]!r}")
             return
@@ -161,6 +251,7 @@ class _Extractor:
         fd = self._create(dir_fd, rel, entry)
         try:
             for offset, data in self.fs.read_file(entry):
+                self.tick()
                 for start, stop in _data_runs(data):  # all-zero pages stay holes
                     pwrite_all(fd, memoryview(data)[start:stop], offset + start)
                     self.result.bytes_written += stop - start
@@ -249,7 +340,9 @@ class _Extractor:
             self.warn(f"{self.shown(rel)}: extended attribute {name.decode(errors='replace')} not set ({exc.strerror})")
 
 
-def extract(fs: FileSystem, path: str, dest: str, owners: bool | None = None) -> ExtractResult:
+def extract(
+    fs: FileSystem, path: str, dest: str, owners: bool | None = None, tick: Tick | None = None
+) -> ExtractResult:
     """Extract ``path`` (a file, or a directory with everything below it) into directory ``dest``:
     ``/`` extracts the filesystem's contents into ``dest``, anything else becomes ``dest/NAME``.
 
@@ -257,8 +350,12 @@ def extract(fs: FileSystem, path: str, dest: str, owners: bool | None = None) ->
         FileSystemError (unreadable image, no such path), ExtractError (a target exists or cannot be made).
     """
     top = fs.lookup(path)
-    extractor = _Extractor(fs, dest, os.geteuid() == 0 if owners is None else owners)
+    extractor = _Extractor(fs, dest, os.geteuid() == 0 if owners is None else owners, tick)
     return extractor.run(top)
+
+
+def _no_progress() -> None:
+    """(Nobody is watching.)"""
 
 
 def describe(entry: Entry) -> dict[str, Any]:
