@@ -213,8 +213,8 @@ def test_broken_streams_close_only_that_connection(served: ServedVolume) -> None
 
 
 def test_random_requests_never_break_the_server(served: ServedVolume) -> None:
-    """Fuzz at the edge: random commands, flags, offsets and lengths get a reply (data or an
-    error) and the connection stays usable."""
+    """Fuzz at the edge (RELIABILITY H1, transmission): random commands, flags, offsets and
+    lengths get a reply (data or an error) and the connection stays usable."""
     from hypothesis import HealthCheck, given, settings
     from hypothesis import strategies as st
 
@@ -242,6 +242,66 @@ def test_random_requests_never_break_the_server(served: ServedVolume) -> None:
     client.request(p.CMD_READ, 0, 4096)
     assert client.simple_reply(4096)[0] == 0
     client.close()
+
+
+def test_random_handshakes_never_break_the_server(served: ServedVolume) -> None:
+    """RELIABILITY H1, the option phase: random client flags, options (known and unknown, with
+    lengths that lie) and raw bytes get well-formed option replies or a closed connection, never
+    a hang of the server; a normal client connects after every one."""
+    import socket
+
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    known = st.sampled_from(
+        [
+            p.OPT_EXPORT_NAME, p.OPT_ABORT, p.OPT_LIST, p.OPT_STARTTLS, p.OPT_INFO, p.OPT_GO,
+            p.OPT_STRUCTURED_REPLY, p.OPT_LIST_META_CONTEXT, p.OPT_SET_META_CONTEXT,
+        ]
+    )  # fmt: skip
+
+    def named(name: bytes) -> bytes:  # the body of NBD_OPT_GO / NBD_OPT_INFO
+        return struct.pack(">I", len(name)) + name + struct.pack(">H", 0)
+
+    def honest(option: int, data: bytes) -> bytes:
+        return p.OPTION_HEADER.pack(p.IHAVEOPT, option, len(data)) + data
+
+    def lying(option: int, length: int, data: bytes) -> bytes:
+        return p.OPTION_HEADER.pack(p.IHAVEOPT, option, length) + data
+
+    payload = st.one_of(st.binary(max_size=64), st.builds(named, st.sampled_from([b"v", b"", b"x" * 300])))
+    any_option = st.one_of(known, st.integers(0, 2**32 - 1))
+    option = st.one_of(
+        st.builds(honest, any_option, payload),
+        st.builds(lying, known, st.integers(0, 2**32 - 1), payload),
+        st.binary(min_size=1, max_size=40),  # not an option at all
+    )
+
+    @settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck))
+    @given(flags=st.one_of(st.just(p.FLAG_C_FIXED_NEWSTYLE | p.FLAG_C_NO_ZEROES), st.integers(0, 2**32 - 1)),
+           options=st.lists(option, max_size=6))  # fmt: skip
+    def one(flags: int, options: list[bytes]) -> None:
+        with socket.socket(socket.AF_UNIX) as s:
+            s.settimeout(5)
+            s.connect(str(served.sock))
+            assert len(s.recv(18)) == 18
+            s.sendall(struct.pack(">I", flags) + b"".join(options))
+            s.shutdown(socket.SHUT_WR)  # nothing more is coming: the server must answer or close
+            data = b""
+            while chunk := s.recv(65536):  # (a timeout here is a hang: the test fails)
+                data += chunk
+        pos = 0  # whatever came back is option replies (or, after NBD_OPT_EXPORT_NAME, its answer)
+        while pos + p.OPTION_REPLY.size <= len(data):
+            magic, _opt, _kind, length = p.OPTION_REPLY.unpack_from(data, pos)
+            if magic != p.OPT_REPLY_MAGIC:
+                break  # the export-name answer (size and flags) ends the option phase
+            pos += p.OPTION_REPLY.size + length
+        c = RawClient(served.sock, "v")  # the server still serves
+        c.request(p.CMD_READ, 0, 512)
+        assert c.simple_reply(512)[0] == 0
+        c.close()
+
+    one()
 
 
 def test_pipelined_small_reads_when_the_client_stops_reading_replies(served: ServedVolume) -> None:
