@@ -83,3 +83,32 @@ def test_decompression_bomb_refused() -> None:
     env = c.seal(bytes([1]) + bomb, c.blob_aad(BlobType.DATA, bid))
     with pytest.raises(IntegrityError):
         c.open_blob(BlobType.DATA, bid, env, 65536, "t")
+
+
+def test_a_session_ends_before_its_key_would_encrypt_too_much(monkeypatch: pytest.MonkeyPatch) -> None:
+    """RELIABILITY E2: no key encrypts more than the session limit (2**32 in use; 5 here), and
+    every envelope still opens."""
+    from umbra.repo import crypto
+
+    monkeypatch.setattr(crypto, "_MAX_NONCES_PER_SESSION", 5)
+    c = make()
+    envelopes = [c.seal(bytes([i]), b"aad") for i in range(12)]
+    sessions = [env[1:17] for env in envelopes]
+    assert [sessions.count(s) for s in dict.fromkeys(sessions)] == [5, 5, 2]
+    assert [int.from_bytes(env[17:29], "little") for env in envelopes] == [0, 1, 2, 3, 4] * 2 + [0, 1]
+    assert [c.open(env, b"aad", "t") for env in envelopes] == [bytes([i]) for i in range(12)]
+
+
+@pytest.mark.slow
+def test_a_million_encryptions_never_repeat_a_key_and_nonce() -> None:
+    """RELIABILITY E2 at its stated count, from four threads at once."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    c = make()
+
+    def seal_many(_: int) -> list[bytes]:
+        return [c.seal(b"", b"a")[1:29] for _ in range(250_000)]
+
+    with ThreadPoolExecutor(4) as pool:
+        pairs = [pair for batch in pool.map(seal_many, range(4)) for pair in batch]
+    assert len(pairs) == len(set(pairs)) == 1_000_000

@@ -83,15 +83,15 @@ class Crypto:
 
     def _next_nonce(self) -> tuple[bytes, AESGCM, bytes]:
         with self._session_lock:
-            if self._session is None:
-                sid = os.urandom(SESSION_ID_SIZE)
-                self._session = (sid, self._session_key(sid), itertools.count())
-            sid, aead, counter = self._session
-            n = next(counter)
-            if n >= _MAX_NONCES_PER_SESSION:
-                self._session = None
-                return self._next_nonce()
-        return sid, aead, n.to_bytes(NONCE_SIZE, "little")
+            while True:
+                if self._session is None:
+                    sid = os.urandom(SESSION_ID_SIZE)
+                    self._session = (sid, self._session_key(sid), itertools.count())
+                sid, aead, counter = self._session
+                n = next(counter)
+                if n < _MAX_NONCES_PER_SESSION:
+                    return sid, aead, n.to_bytes(NONCE_SIZE, "little")
+                self._session = None  # this key has done its share: a new session, a new key
 
     def seal(self, payload: bytes, aad: bytes) -> bytes:
         """Encrypt and authenticate ``payload``, binding ``aad``."""
