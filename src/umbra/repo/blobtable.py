@@ -42,7 +42,7 @@ class BlobTable:
         return self._used
 
     def __contains__(self, blob_id: bytes) -> bool:
-        return _slot_of(self._mem, blob_id) >= 0
+        return _probe(self._mem, blob_id) >= 0
 
     @property
     def nbytes(self) -> int:
@@ -51,7 +51,7 @@ class BlobTable:
     def get(self, blob_id: bytes) -> tuple[int, int, int, int] | None:
         """(pack number, blob type, offset, length), or None."""
         mem = self._mem
-        off = _slot_of(mem, blob_id)
+        off = _probe(mem, blob_id)
         if off < 0:
             return None
         _, pack_type, offset, length = SLOT.unpack_from(mem, off)
@@ -85,9 +85,9 @@ class BlobTable:
                         self._used = used
                         self._resize(self._slots * 2)
                         mem, limit = self._mem, int(self._slots * MAX_LOAD)
-                    off = _free_slot_for(mem, blob_id)
-                    if off >= 0:
-                        pack_into(mem, off, blob_id, base | blob_type, offset, length)
+                    off = _probe(mem, blob_id)
+                    if off < 0:
+                        pack_into(mem, -1 - off, blob_id, base | blob_type, offset, length)
                         used += 1
             finally:
                 self._used = used
@@ -106,13 +106,14 @@ class BlobTable:
         size = SLOT.size
         for start in range(0, len(old), size):
             if old[start + _MARK]:
-                off = _free_slot_for(mem, bytes(old[start : start + _KEY]))
+                off = -1 - _probe(mem, bytes(old[start : start + _KEY]))
                 mem[off : off + size] = old[start : start + size]
         self._mem, self._slots = mem, slots  # (readers pick up both from the new buffer's length)
 
 
-def _slot_of(mem: bytearray, blob_id: bytes) -> int:
-    """The byte offset of the blob's slot, or -1."""
+def _probe(mem: bytearray, blob_id: bytes) -> int:
+    """The byte offset of the blob's slot if it is in the table; if not, ``-1 - offset`` of the
+    free slot where it would go (one function for both: a lookup is a few Python operations)."""
     end = len(mem)
     first: int = _first_word(blob_id)[0]
     off = (first * (end // _SIZE) >> 64) * _SIZE
@@ -122,21 +123,7 @@ def _slot_of(mem: bytearray, blob_id: bytes) -> int:
         off += _SIZE
         if off == end:
             off = 0
-    return -1
-
-
-def _free_slot_for(mem: bytearray, blob_id: bytes) -> int:
-    """The byte offset of the free slot where the blob goes, or -1 if it is in the table."""
-    end = len(mem)
-    first: int = _first_word(blob_id)[0]
-    off = (first * (end // _SIZE) >> 64) * _SIZE
-    while mem[off + _MARK]:
-        if mem.startswith(blob_id, off):
-            return -1
-        off += _SIZE
-        if off == end:
-            off = 0
-    return off
+    return -1 - off
 
 
 def _slots_for(capacity: int) -> int:
