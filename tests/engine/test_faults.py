@@ -69,3 +69,36 @@ def test_unreadable_source(repo: Repository, tmp_path: Path) -> None:
         do_backup(repo, tmp_path / "dir")
     with pytest.raises(SourceError, match="No such file"):
         do_backup(repo, tmp_path / "missing")
+
+
+@pytest.mark.root
+def test_a_full_restore_target_is_one_clear_error(tmp_path: Path) -> None:
+    """A restore onto a filesystem that fills up ends with TargetError (exit 32, one line), not
+    an internal error; the repository is untouched."""
+    import subprocess
+    import sys
+
+    from tests.conftest import requires
+
+    requires("root")
+    repo_dir = tmp_path / "repo"
+    Repository.init(LocalBackend(repo_dir), "secret")
+    image = tmp_path / "v.img"
+    image.write_bytes(random.Random(9).randbytes(4 << 20))  # incompressible, no zero blocks
+    env = dict(os.environ, UMBRA_REPO=str(repo_dir), UMBRA_PASSWORD="secret")
+
+    def umbra(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "umbra", *args], capture_output=True, text=True, env=env)
+
+    assert umbra("backup", "--volume", "v", str(image)).returncode == 0
+    small = tmp_path / "small"
+    small.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "none", str(small)], check=True)
+    try:
+        proc = umbra("restore", "v@latest", str(small / "out.img"))
+    finally:
+        subprocess.run(["umount", str(small)], check=True)
+    assert proc.returncode == 32, proc.stderr
+    assert "Traceback" not in proc.stderr and "No space left on device" in proc.stderr
+    assert "incomplete" in proc.stderr
+    assert umbra("check", "--read-data").returncode == 0

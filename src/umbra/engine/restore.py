@@ -24,7 +24,6 @@ from umbra.repo.manifest import Point
 from umbra.repo.repository import Repository
 from umbra.repo.tree import DAMAGED_ID
 from umbra.volume import btrfs_send
-from umbra.volume.blockio import write_zeros
 from umbra.volume.sink import Target, open_target
 
 GROUP_BLOCKS = 64
@@ -88,7 +87,7 @@ def _apply_extents(repo: Repository, extents: ExtentMap, target: Target) -> int:
         blobs = repo.load_blobs(BlobType.DATA, [bid for _, _, (bid, _) in group if bid != ZERO_ID])
         for start, end, (bid, blob_start) in group:
             if bid == ZERO_ID:
-                write_zeros(target.fd, start, end - start)  # the point may have data here: really write
+                target.write_zeros(start, end - start)  # the point may have data here: really write
             else:
                 target.write_at(start, memoryview(blobs[bid])[start - blob_start : end - blob_start])
             written += end - start
@@ -142,7 +141,7 @@ def run(
         target.write_many(((b * bs, data) for b, data in blocks if data), bs)
         bad = [b for b, data in blocks if not data]  # --allow-damaged: zeros (the target may hold data there)
         for b in bad:
-            write_zeros(target.fd, b * bs, min(bs, point.size - b * bs))
+            target.write_zeros(b * bs, min(bs, point.size - b * bs))
         return sum(len(data) for _, data in blocks), bad
 
     def fetch_and_write(group: list[tuple[int, bytes]]) -> tuple[int, list[int]]:

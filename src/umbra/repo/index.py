@@ -53,7 +53,7 @@ class Index:
 
     @property
     def nbytes(self) -> int:
-        """Memory held by the locations and pack lists (for benchmarks and ``--debug``)."""
+        """Memory held by the locations and pack lists."""
         return self._blobs.nbytes + sum(len(raw) for raw in self._packs.values())
 
     def get(self, blob_id: bytes) -> Location | None:

@@ -11,17 +11,18 @@ smaller than the volume, an existing non-empty file, or a file that backs a loop
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import glob
 import mmap
 import os
 import stat
 import threading
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
 from umbra.errors import TargetBusy, TargetError, TargetTooSmall
-from umbra.volume.blockio import pwrite_all, zero_device
+from umbra.volume.blockio import pwrite_all, write_zeros, zero_device
 
 
 def loop_backing_files() -> dict[str, str]:
@@ -50,12 +51,30 @@ class Target:
     ordered = False  # True: written strictly in order, from one thread (a stream)
     _local: threading.local = field(default_factory=threading.local, repr=False)
 
+    @contextlib.contextmanager
+    def _writing(self) -> Iterator[None]:
+        """A failed write (a full disk, an I/O error) is one TargetError saying what is left."""
+        try:
+            yield
+        except OSError as exc:
+            reason = f"{exc.strerror or exc}; the target is incomplete, restore again once that is fixed"
+            raise TargetError(path=self.path, reason=reason) from None
+
     def write_at(self, offset: int, data: bytes | memoryview) -> None:
-        pwrite_all(self.fd, data, offset)
+        with self._writing():
+            pwrite_all(self.fd, data, offset)
 
     def write_many(self, pieces: Iterable[tuple[int, bytes | memoryview]], block_size: int) -> None:
         """Write (offset, data) pieces, in offset order; from several threads at once if not
-        ``ordered``.  Adjacent pieces go out in one write, through O_DIRECT where possible."""
+        ``ordered``.  Adjacent pieces go out in one write, through O_DIRECT where possible.
+
+        Raises:
+            TargetError: a write failed.
+        """
+        with self._writing():
+            self._write_pieces(pieces, block_size)
+
+    def _write_pieces(self, pieces: Iterable[tuple[int, bytes | memoryview]], block_size: int) -> None:
         if self.direct_fd is None:
             for offset, data in pieces:
                 self.write_at(offset, data)
@@ -79,18 +98,32 @@ class Target:
         assert self.direct_fd is not None
         direct = 0 if offset % DIRECT_ALIGN else length // DIRECT_ALIGN * DIRECT_ALIGN
         with memoryview(buf) as view:
+            written = 0
             if direct:
-                pwrite_all(self.direct_fd, view[:direct], offset)
-            if direct < length:  # the volume's unaligned end (or an unaligned start): through the page cache
-                pwrite_all(self.fd, view[direct:length], offset + direct)
+                try:
+                    written = os.pwrite(self.direct_fd, view[:direct], offset)
+                except OSError as exc:
+                    if exc.errno != errno.EINVAL:  # EINVAL: O_DIRECT refused here after all
+                        raise
+            # through the page cache: the volume's unaligned end, and what a short write (a
+            # filling disk, where the next write reports ENOSPC) or a refusal left
+            if written < length:
+                pwrite_all(self.fd, view[written:length], offset + written)
 
     def zero_range(self, offset: int, length: int) -> None:
         """Make a range read as zeros (only block devices need this: files start as holes)."""
         if self.is_block_device and length > 0:
-            zero_device(self.fd, offset, length)
+            with self._writing():
+                zero_device(self.fd, offset, length)
+
+    def write_zeros(self, offset: int, length: int) -> None:
+        """Write zeros over a range that may hold data (a damaged block, a journal's zeroing)."""
+        with self._writing():
+            write_zeros(self.fd, offset, length)
 
     def finish(self) -> None:
-        os.fsync(self.fd)  # (the inode, the device's cache: for the O_DIRECT writes too)
+        with self._writing():
+            os.fsync(self.fd)  # (the inode, the device's cache: for the O_DIRECT writes too)
         self.abort()
 
     def abort(self) -> None:
@@ -101,7 +134,7 @@ class Target:
 
 
 def _open_direct(path: str) -> int | None:
-    """``path`` opened for O_DIRECT writes, or None where the filesystem refuses (tmpfs)."""
+    """``path`` opened for O_DIRECT writes, or None where the filesystem refuses it."""
     try:
         return os.open(path, os.O_WRONLY | os.O_DIRECT | os.O_CLOEXEC)
     except OSError:
