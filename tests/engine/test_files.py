@@ -167,3 +167,17 @@ def test_hostile_names_and_symlink_tricks_stay_inside_dest(tmp_path: Path) -> No
     assert not (tmp_path / "esc").exists() and not (tmp_path / "dest" / "esc").exists()
     for path in dest.rglob("*"):
         assert os.path.realpath(path.parent).startswith(str(dest)), path
+
+
+@pytest.mark.root
+def test_extract_onto_a_full_disk_is_one_clear_error(image_point, tmp_path: Path) -> None:
+    requires("root")
+    small = tmp_path / "small"
+    small.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "none", str(small)], check=True)
+    try:
+        proc = umbra("extract", "fs@latest", "/", str(small / "out"), repo=tmp_path / "repo")
+    finally:
+        subprocess.run(["umount", str(small)], check=True)
+    assert proc.returncode == ExtractError.exit_code, proc.stderr
+    assert "No space left on device" in proc.stderr and "Traceback" not in proc.stderr
