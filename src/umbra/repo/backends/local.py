@@ -46,7 +46,7 @@ def _write_all(fd: int, data: bytes | memoryview) -> None:
 def _write_direct(fd: int, data: bytes) -> None:
     """Write ``data`` at the start of ``fd`` (opened with O_DIRECT): the page-aligned bulk from a
     page-aligned copy in one write, then, O_DIRECT cleared, the rest (and whatever a short write,
-    on a filling disk, left)."""
+    on a filling disk, or a refusal left)."""
     bulk = len(data) // _ALIGN * _ALIGN
     buf: mmap.mmap | None = getattr(_staging, "buffer", None)
     if buf is None or len(buf) < bulk:
@@ -54,8 +54,13 @@ def _write_direct(fd: int, data: bytes) -> None:
             buf.close()
         buf = _staging.buffer = mmap.mmap(-1, -(-bulk // (1 << 20)) << 20)
     buf[:bulk] = memoryview(data)[:bulk]
+    written = 0
     with memoryview(buf) as view:
-        written = os.write(fd, view[:bulk]) if bulk else 0
+        try:
+            written = os.write(fd, view[:bulk]) if bulk else 0
+        except OSError as exc:
+            if exc.errno != errno.EINVAL:  # EINVAL: O_DIRECT refused after all (the rest below)
+                raise
     fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~os.O_DIRECT)
     _write_all(fd, memoryview(data)[written:])
 
