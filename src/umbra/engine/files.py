@@ -250,26 +250,20 @@ class _Extractor:
     def _file(self, dir_fd: int, rel: bytes, entry: Entry) -> bool:
         fd = self._create(dir_fd, rel, entry)
         try:
-            for offset, data in self.fs.read_file(entry):
-                self.tick()
-                for start, stop in _data_runs(data):  # all-zero pages stay holes
-                    self._write(fd, rel, memoryview(data)[start:stop], offset + start)
-                    self.result.bytes_written += stop - start
             try:
+                for offset, data in self.fs.read_file(entry):
+                    self.tick()
+                    for start, stop in _data_runs(data):  # all-zero pages stay holes
+                        pwrite_all(fd, memoryview(data)[start:stop], offset + start)
+                        self.result.bytes_written += stop - start
                 os.ftruncate(fd, entry.size)
-            except OSError as exc:
+            except OSError as exc:  # a full disk, most likely: one line naming the file
                 raise ExtractError(path=self.shown(rel), reason=exc.strerror or str(exc)) from None
             self._metadata(fd, rel, entry)
         finally:
             os.close(fd)
         self.result.count("files")
         return True
-
-    def _write(self, fd: int, rel: bytes, data: memoryview, offset: int) -> None:
-        try:
-            pwrite_all(fd, data, offset)
-        except OSError as exc:  # a full disk, most likely: one line naming the file
-            raise ExtractError(path=self.shown(rel), reason=exc.strerror or str(exc)) from None
 
     def _create(self, dir_fd: int, rel: bytes, entry: Entry) -> int:
         flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC

@@ -34,7 +34,6 @@ class BlobTable:
     def __init__(self, capacity: int = 0) -> None:
         self._lock = threading.Lock()
         self._used = 0
-        self._slots = 0
         self._mem = bytearray()
         self._resize(_slots_for(capacity))
 
@@ -47,6 +46,10 @@ class BlobTable:
     @property
     def nbytes(self) -> int:
         return len(self._mem)
+
+    @property
+    def _slots(self) -> int:
+        return len(self._mem) // SLOT.size
 
     def get(self, blob_id: bytes) -> tuple[int, int, int, int] | None:
         """(pack number, blob type, offset, length), or None."""
@@ -108,7 +111,7 @@ class BlobTable:
             if old[start + _MARK]:
                 off = -1 - _probe(mem, bytes(old[start : start + _KEY]))
                 mem[off : off + size] = old[start : start + size]
-        self._mem, self._slots = mem, slots  # (readers pick up both from the new buffer's length)
+        self._mem = mem  # (readers take the slot count from the buffer they hold)
 
 
 def _probe(mem: bytearray, blob_id: bytes) -> int:

@@ -21,6 +21,7 @@ import pytsk3
 
 from umbra.errors import FileSystemError
 from umbra.volume import ext4, jbd2
+from umbra.volume.extents import merge
 
 log = logging.getLogger(__name__)
 Reader = Callable[[int, int], bytes]
@@ -300,20 +301,11 @@ class FileSystem:
                     continue
                 if not int(attr.info.flags) & int(pytsk3.TSK_FS_ATTR_NONRES):
                     return None
-                runs = sorted(
+                return merge(
                     (int(run.offset) * block, min((int(run.offset) + int(run.len)) * block, entry.size))
                     for run in attr
                     if not int(run.flags) & sparse
                 )
-                merged: list[tuple[int, int]] = []
-                for start, end in runs:
-                    if start >= end:
-                        continue
-                    if merged and start <= merged[-1][1]:
-                        merged[-1] = (merged[-1][0], max(merged[-1][1], end))
-                    else:
-                        merged.append((start, end))
-                return merged
         except OSError as exc:
             reason = f"cannot map {entry.path.decode(errors='replace')}: {exc}"
             raise FileSystemError(point=self.label, reason=reason) from None

@@ -22,7 +22,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
 from umbra.errors import TargetBusy, TargetError, TargetTooSmall
-from umbra.volume.blockio import pwrite_all, write_zeros, zero_device
+from umbra.volume.blockio import open_direct, pwrite_all, pwrite_direct, staging_buffer, write_zeros, zero_device
 
 
 def loop_backing_files() -> dict[str, str]:
@@ -38,7 +38,6 @@ def loop_backing_files() -> dict[str, str]:
     return out
 
 
-DIRECT_ALIGN = 4096  # offsets and lengths of O_DIRECT writes (any device's logical block divides it)
 RUN_BYTES = 4 << 20  # adjacent blocks written in one go (each writing thread's buffer)
 
 
@@ -79,9 +78,7 @@ class Target:
             for offset, data in pieces:
                 self.write_at(offset, data)
             return
-        buf: mmap.mmap | None = getattr(self._local, "buffer", None)
-        if buf is None or len(buf) < block_size:
-            buf = self._local.buffer = mmap.mmap(-1, max(RUN_BYTES, block_size))  # page-aligned
+        buf = staging_buffer(self._local, max(RUN_BYTES, block_size))
         start = used = 0
         for offset, data in pieces:
             if used and (offset != start + used or used + len(data) > len(buf)):
@@ -96,19 +93,8 @@ class Target:
 
     def _write_run(self, buf: mmap.mmap, offset: int, length: int) -> None:
         assert self.direct_fd is not None
-        direct = 0 if offset % DIRECT_ALIGN else length // DIRECT_ALIGN * DIRECT_ALIGN
         with memoryview(buf) as view:
-            written = 0
-            if direct:
-                try:
-                    written = os.pwrite(self.direct_fd, view[:direct], offset)
-                except OSError as exc:
-                    if exc.errno != errno.EINVAL:  # EINVAL: O_DIRECT refused here after all
-                        raise
-            # through the page cache: the volume's unaligned end, and what a short write (a
-            # filling disk, where the next write reports ENOSPC) or a refusal left
-            if written < length:
-                pwrite_all(self.fd, view[written:length], offset + written)
+            pwrite_direct(self.direct_fd, self.fd, view[:length], offset)
 
     def zero_range(self, offset: int, length: int) -> None:
         """Make a range read as zeros (only block devices need this: files start as holes)."""
@@ -131,14 +117,6 @@ class Target:
             os.close(self.direct_fd)
             self.direct_fd = None
         os.close(self.fd)
-
-
-def _open_direct(path: str) -> int | None:
-    """``path`` opened for O_DIRECT writes, or None where the filesystem refuses it."""
-    try:
-        return os.open(path, os.O_WRONLY | os.O_DIRECT | os.O_CLOEXEC)
-    except OSError:
-        return None
 
 
 def open_target(path: str, size: int, force: bool = False) -> Target:
@@ -168,7 +146,7 @@ def open_target(path: str, size: int, force: bool = False) -> Target:
         os.ftruncate(fd, size)
     except OSError as exc:
         raise TargetError(path=path, reason=exc.strerror) from exc
-    return Target(path, fd, False, _open_direct(path))
+    return Target(path, fd, False, open_direct(path))
 
 
 def _open_device(path: str, size: int, force: bool) -> Target:
@@ -183,4 +161,4 @@ def _open_device(path: str, size: int, force: bool) -> Target:
     if dev_size < size:  # even --force cannot make a device larger
         os.close(fd)
         raise TargetTooSmall(path=path, size=dev_size, needed=size)
-    return Target(path, fd, True, _open_direct(path))
+    return Target(path, fd, True, open_direct(path))

@@ -13,8 +13,6 @@ O_DIRECT go through the page cache.
 from __future__ import annotations
 
 import errno
-import fcntl
-import mmap
 import os
 import threading
 from collections.abc import Iterator
@@ -22,7 +20,7 @@ from pathlib import Path
 
 from umbra.errors import RepositoryExists, RepositoryFull, RepositoryIOError
 from umbra.repo.backends.base import DIRECTORIES, Backend, ObjectMissing, validate_name
-from umbra.volume.blockio import sync_path
+from umbra.volume.blockio import open_direct, pwrite_all, pwrite_direct, staging_buffer, sync_path
 
 
 def _io_error(name: str, exc: OSError) -> RepositoryIOError:
@@ -32,49 +30,7 @@ def _io_error(name: str, exc: OSError) -> RepositoryIOError:
 
 
 DIRECT_MIN = 1 << 20  # objects at least this big are written with O_DIRECT
-_ALIGN = 4096
 _staging = threading.local()  # each writing thread's page-aligned buffer
-
-
-def _write_all(fd: int, data: bytes | memoryview) -> None:
-    view = memoryview(data)
-    while view:
-        written = os.write(fd, view)
-        view = view[written:]
-
-
-def _write_direct(fd: int, data: bytes) -> None:
-    """Write ``data`` at the start of ``fd`` (opened with O_DIRECT): the page-aligned bulk from a
-    page-aligned copy in one write, then, O_DIRECT cleared, the rest (and whatever a short write,
-    on a filling disk, or a refusal left)."""
-    bulk = len(data) // _ALIGN * _ALIGN
-    buf: mmap.mmap | None = getattr(_staging, "buffer", None)
-    if buf is None or len(buf) < bulk:
-        if buf is not None:
-            buf.close()
-        buf = _staging.buffer = mmap.mmap(-1, -(-bulk // (1 << 20)) << 20)
-    buf[:bulk] = memoryview(data)[:bulk]
-    written = 0
-    with memoryview(buf) as view:
-        try:
-            written = os.write(fd, view[:bulk]) if bulk else 0
-        except OSError as exc:
-            if exc.errno != errno.EINVAL:  # EINVAL: O_DIRECT refused after all (the rest below)
-                raise
-    fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~os.O_DIRECT)
-    _write_all(fd, memoryview(data)[written:])
-
-
-def _create(tmp: Path, direct: bool) -> tuple[int, bool]:
-    """Create the temporary file; (fd, opened with O_DIRECT)."""
-    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL
-    if direct:
-        try:
-            return os.open(tmp, flags | os.O_DIRECT, 0o600), True
-        except OSError as exc:
-            if exc.errno != errno.EINVAL:  # EINVAL: this filesystem has no O_DIRECT
-                raise
-    return os.open(tmp, flags, 0o600), False
 
 
 def atomic_write(path: Path, data: bytes, replace: bool = False) -> None:
@@ -87,17 +43,24 @@ def atomic_write(path: Path, data: bytes, replace: bool = False) -> None:
     if not replace and path.exists():
         raise FileExistsError(str(path))
     tmp = path.with_name(f".tmp-{path.name}-{os.getpid()}-{os.urandom(4).hex()}")
-    fd, direct = _create(tmp, len(data) >= DIRECT_MIN)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    direct_fd = open_direct(tmp) if len(data) >= DIRECT_MIN else None
     try:
-        if direct:
-            _write_direct(fd, data)
+        if direct_fd is not None:  # from a page-aligned copy
+            buf = staging_buffer(_staging, -(-len(data) >> 20) << 20)  # whole MiB: reused by the next pack
+            buf[: len(data)] = data
+            with memoryview(buf) as view:
+                pwrite_direct(direct_fd, fd, view[: len(data)], 0)
         else:
-            _write_all(fd, data)
+            pwrite_all(fd, data, 0)
         os.fsync(fd)
     except BaseException:
         os.close(fd)
         tmp.unlink(missing_ok=True)
         raise
+    finally:
+        if direct_fd is not None:
+            os.close(direct_fd)
     os.close(fd)
     try:
         if replace:
