@@ -4,6 +4,7 @@ loop mount."""
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import random
@@ -56,6 +57,10 @@ class Running:
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
         return self.proc.wait(60)
+
+
+def child_pids(pid: int) -> list[int]:
+    return [int(n) for task in Path(f"/proc/{pid}/task").iterdir() for n in (task / "children").read_text().split()]
 
 
 def run(*args: str) -> str:
@@ -206,6 +211,19 @@ def test_mount_files_shows_the_tree_without_a_loop_device(tmp_path: Path) -> Non
     mnt.mkdir()
     mounted = Running(["mount", "fs@latest", str(mnt), "--files"], repo_dir, mnt / "plain.txt", tmp_path / "m.log")
     try:
+        # the parser runs in a process of its own: stopped, it fails one call (EIO) and is replaced
+        (parser,) = child_pids(mounted.proc.pid)
+        os.kill(parser, signal.SIGSTOP)
+        started = time.monotonic()
+        with pytest.raises(OSError) as raised:
+            os.listdir(mnt / "dir")
+        assert raised.value.errno == errno.EIO and time.monotonic() - started < 30
+        assert "made no progress for 10 s" in (tmp_path / "m.log").read_text()
+        assert sorted(os.listdir(mnt / "dir")) == sorted(os.listdir(tree / "dir"))
+        assert child_pids(mounted.proc.pid) not in ([], [parser])
+        # a reader that ended while idle is replaced without failing the next call
+        os.kill(child_pids(mounted.proc.pid)[0], signal.SIGKILL)
+        assert (mnt / "random.bin").read_bytes() == (tree / "random.bin").read_bytes()
         assert_same_tree(tree, mnt, owners=True)
         with pytest.raises(OSError):
             (mnt / "new-file").write_text("read-only")

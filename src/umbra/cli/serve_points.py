@@ -20,13 +20,13 @@ from umbra.cli.common import (
     stderr,
     warn_if_journal_behind,
 )
+from umbra.engine.parser_process import ParserProcess
 from umbra.errors import TargetError, UsageError
 from umbra.frontends.exports import BlockExport, OverlayExport, PointExport, RestoringExport
 from umbra.frontends.serve import ServeOptions, serve
 from umbra.repo.manifest import Point
 from umbra.repo.repository import Repository
 from umbra.repo.view import open_state
-from umbra.volume.filesystem import FileSystem
 from umbra.volume.sink import open_target
 
 PointArgument = Annotated[str, typer.Argument(help="Point: id prefix, VOLUME@latest or VOLUME@TIME.")]
@@ -153,7 +153,7 @@ def mount(
     if not os.path.isdir(directory):
         raise UsageError(f"mount point {directory} is not a directory")
     with _point_export(repo, point) as (_, p, export_):
-        tree = FileSystem(export_.view.read, p.size, f"point {p.short_id} of {p.volume}") if files else None
+        tree = ParserProcess(export_.view.read, p.size, f"point {p.short_id} of {p.volume}") if files else None
 
         def ready(doc: dict[str, Any]) -> None:
             doc.update(point=p.id, volume=p.volume, size=p.size, mountpoint=directory)
@@ -167,4 +167,8 @@ def mount(
                 f"(read-only; `umount {directory}` or Ctrl-C to stop)",
             )
 
-        serve(ServeOptions({p.volume: export_}, p.volume, fuse_dir=directory, fuse_tree=tree), ready)
+        try:
+            serve(ServeOptions({p.volume: export_}, p.volume, fuse_dir=directory, fuse_tree=tree), ready)
+        finally:
+            if tree is not None:
+                tree.close()

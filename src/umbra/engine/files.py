@@ -30,7 +30,7 @@ from umbra.repo.repository import Repository
 from umbra.repo.view import BlockView, open_state
 from umbra.volume import btrfs_send
 from umbra.volume.blockio import pwrite_all
-from umbra.volume.filesystem import Entry, FileSystem
+from umbra.volume.filesystem import Entry, FileSystem, safe_name
 
 MAX_DEPTH = 4096
 WATCH_CHUNK = 64 * 1024  # granularity of "a part of the image not read before"
@@ -157,10 +157,6 @@ def _data_runs(data: bytes, page: int = 4096) -> Iterator[tuple[int, int]]:
             start = pos
     if start is not None:
         yield start, len(data)
-
-
-def safe_name(name: bytes) -> bool:
-    return bool(name) and name not in (b".", b"..") and b"/" not in name and b"\0" not in name
 
 
 @dataclass

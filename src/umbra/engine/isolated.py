@@ -69,11 +69,32 @@ def run_isolated(job: Callable[[Progress], T], what: str, stall_s: float = STALL
         return message[1]  # type: ignore[no-any-return]
     if message[0] != "error" or len(message) != 3 or not all(isinstance(m, str) for m in message):
         raise FileSystemError(point=what, reason="the filesystem reader sent a malformed answer")
-    _, name, text = message
+    raise rebuilt_error(message[1], message[2], what)
+
+
+def rebuilt_error(name: str, text: str, what: str) -> UmbraError:
+    """The umbra error a child reported (class name and message): of the same class when that
+    takes just a message, else a FileSystemError."""
     cls = getattr(errors, name, None) if name.isidentifier() else None
     if isinstance(cls, type) and issubclass(cls, UmbraError) and cls.__init__ is UmbraError.__init__:
-        raise cls(text)
-    raise FileSystemError(point=what, reason=f"the filesystem reader failed: {text}")
+        return cls(text)
+    return FileSystemError(point=what, reason=f"the filesystem reader failed: {text}")
+
+
+def stalled_reason(stall_s: float) -> str:
+    return (
+        f"the filesystem reader made no progress for {stall_s:.0f} s and was stopped (a damaged or crafted filesystem?)"
+    )
+
+
+def ended_reason(signum: int | None, code: int) -> str:
+    """Why a child ended without an answer: killed by ``signum``, or exited with ``code``."""
+    if signum is not None:
+        return (
+            f"the filesystem reader crashed ({signal.Signals(signum).name}): "
+            "the filesystem in this point is damaged or crafted"
+        )
+    return f"the filesystem reader ended without an answer (exit status {code})"
 
 
 def _child(job: Callable[[Progress], Any], fd: int) -> None:
@@ -113,11 +134,7 @@ def _watch(fd: int, pid: int, what: str, stall_s: float) -> list[Any]:
         while True:
             ready, _, _ = select.select([fd], [], [], max(0.0, deadline - time.monotonic()))
             if not ready:
-                raise FileSystemError(
-                    point=what,
-                    reason=f"the filesystem reader made no progress for {stall_s:.0f} s and was stopped "
-                    "(a damaged or crafted filesystem?)",
-                )
+                raise FileSystemError(point=what, reason=stalled_reason(stall_s))
             chunk = os.read(fd, 1 << 20)
             if not chunk:
                 reaped = True
@@ -145,9 +162,5 @@ def _watch(fd: int, pid: int, what: str, stall_s: float) -> list[Any]:
 def _ended(pid: int) -> str:
     """Why the child ended without an answer (it is reaped here)."""
     _, status = os.waitpid(pid, 0)
-    if os.WIFSIGNALED(status):
-        return (
-            f"the filesystem reader crashed ({signal.Signals(os.WTERMSIG(status)).name}): "
-            "the filesystem in this point is damaged or crafted"
-        )
-    return f"the filesystem reader ended without an answer (exit status {os.waitstatus_to_exitcode(status)})"
+    signum = os.WTERMSIG(status) if os.WIFSIGNALED(status) else None
+    return ended_reason(signum, os.waitstatus_to_exitcode(status))

@@ -3,7 +3,10 @@
 
 Inode numbers are the filesystem's own (shifted so that its root is FUSE's root), so hard links
 show as one inode.  The Sleuth Kit is not thread-safe: every call into :class:`FileSystem` holds
-one lock, and runs in a worker thread so the FUSE loop stays responsive.
+one lock, and runs in a worker thread so the FUSE loop stays responsive.  ``umbra mount --files``
+hands in a parser in a process of its own (:class:`umbra.engine.parser_process.ParserProcess`): a
+call it fails on (a crash, a stall) is EIO for that call, and the mount stays up.  Names that could
+not be one path component are left out of listings.
 """
 
 from __future__ import annotations
@@ -12,23 +15,32 @@ import errno
 import os
 import threading
 from collections import OrderedDict
-from collections.abc import Callable
-from typing import TypeVar
+from collections.abc import Callable, Iterable
+from typing import Protocol, TypeVar
 
 import pyfuse3
 import trio
 
 from umbra.errors import UmbraError
 from umbra.frontends.fuse import FuseMount
-from umbra.volume.filesystem import Entry, FileSystem
+from umbra.volume.filesystem import Entry, safe_name
 
 INODE_SHIFT = 16  # filesystem inode n is FUSE inode n + INODE_SHIFT; the root is FUSE's ROOT_INODE
 DIR_CACHE = 1024
 T = TypeVar("T")
 
 
+class FileTree(Protocol):
+    """What the mount reads: a :class:`~umbra.volume.filesystem.FileSystem`, or a parser process."""
+
+    def root(self) -> Entry: ...
+    def children(self, directory: Entry) -> Iterable[Entry]: ...
+    def read_at(self, entry: Entry, offset: int, size: int) -> bytes: ...
+    def xattrs(self, entry: Entry) -> list[tuple[bytes, bytes]]: ...
+
+
 class _TreeOps(pyfuse3.Operations):
-    def __init__(self, fs: FileSystem) -> None:
+    def __init__(self, fs: FileTree) -> None:
         super().__init__()
         self.fs = fs
         self.lock = threading.Lock()  # TSK objects are not thread-safe
@@ -76,6 +88,8 @@ class _TreeOps(pyfuse3.Operations):
         if listing is None:
             listing = []
             for child in self.fs.children(directory):
+                if not safe_name(child.name):
+                    continue  # (the kernel would refuse the whole listing)
                 self.entries[self._ino(child)] = child
                 listing.append((child.name, self._ino(child)))
             self.dirs[inode] = listing
@@ -162,5 +176,5 @@ class _TreeOps(pyfuse3.Operations):
 class FuseFileTree(FuseMount):
     """Mount the files of ``fs`` read-only at ``directory``."""
 
-    def __init__(self, fs: FileSystem, directory: os.PathLike[str] | str, name: str) -> None:
+    def __init__(self, fs: FileTree, directory: os.PathLike[str] | str, name: str) -> None:
         super().__init__(_TreeOps(fs), directory, name, read_only=True)

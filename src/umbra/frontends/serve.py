@@ -7,14 +7,16 @@ import asyncio
 import signal
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import uvloop
 
 from umbra.errors import ServeError
 from umbra.frontends.exports import BlockExport
 from umbra.frontends.nbd.server import NbdServer
-from umbra.volume.filesystem import FileSystem
+
+if TYPE_CHECKING:
+    from umbra.frontends.fuse_tree import FileTree  # (pyfuse3 only when mounting)
 
 POLL_S = 0.2
 
@@ -25,7 +27,7 @@ class ServeOptions:
     default_export: str
     nbd: list[str] = field(default_factory=list)
     fuse_dir: str | None = None  # block files of the exports here ...
-    fuse_tree: FileSystem | None = None  # ... or, if set, this filesystem's files
+    fuse_tree: FileTree | None = None  # ... or, if set, this filesystem's files
 
 
 def run_loop(main: Coroutine[Any, Any, None]) -> None:

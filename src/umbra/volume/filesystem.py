@@ -60,6 +60,7 @@ _DETECT_ORDER = [
     pytsk3.TSK_FS_TYPE_FFS_DETECT,
     pytsk3.TSK_FS_TYPE_APFS_DETECT,
 ]
+TSK_ERRORS = (OSError, RuntimeError)  # its own errors; what the image's reader raised
 _EXT_TYPES = {pytsk3.TSK_FS_TYPE_EXT2, pytsk3.TSK_FS_TYPE_EXT3, pytsk3.TSK_FS_TYPE_EXT4}
 
 
@@ -121,6 +122,11 @@ class _ReaderImage(pytsk3.Img_Info):  # type: ignore[misc]
         return self._size
 
 
+def safe_name(name: bytes) -> bool:
+    """Could ``name`` be one path component (what a listing may show or extract may create)?"""
+    return bool(name) and name not in (b".", b"..") and b"/" not in name and b"\0" not in name
+
+
 def _ns(seconds: int, nanos: int) -> int:
     return int(seconds) * 1_000_000_000 + int(nanos)
 
@@ -162,7 +168,7 @@ class FileSystem:
                 return bytes(journal.read_random(offset, length))
 
             replay = jbd2.scan(read_journal, int(journal.info.meta.size), fs_blocks)
-        except (OSError, struct.error) as exc:
+        except (*TSK_ERRORS, struct.error) as exc:
             log.warning("%s: journal not replayed (%s): recent changes may be missing", self.label, exc)
             return
         if replay is None:
@@ -179,6 +185,8 @@ class FileSystem:
                 return pytsk3.FS_Info(image, 0, fstype)
             except OSError:
                 continue
+            except RuntimeError as exc:  # the reader failed (pytsk3 wraps what a callback raises)
+                raise FileSystemError(point=self.label, reason=f"cannot read the image: {exc}") from None
         kinds = "ext2/3/4, NTFS, FAT, exFAT, HFS+, ISO 9660, UFS, APFS"
         raise FileSystemError(point=self.label, reason=f"no filesystem that umbra can read ({kinds})")
 
@@ -220,7 +228,7 @@ class FileSystem:
     def _read_all(self, f: Any, size: int) -> bytes:
         try:
             data = bytes(f.read_random(0, size))
-        except OSError as exc:
+        except TSK_ERRORS as exc:
             raise FileSystemError(point=self.label, reason=f"cannot read inode {f.info.meta.addr}: {exc}") from None
         self.bytes_read += len(data)
         return data
@@ -228,7 +236,7 @@ class FileSystem:
     def _open(self, inode: int) -> Any:
         try:
             return self._fs.open_meta(inode=inode)
-        except OSError as exc:
+        except TSK_ERRORS as exc:
             raise FileSystemError(point=self.label, reason=f"cannot open inode {inode}: {exc}") from None
 
     def root(self) -> Entry:
@@ -241,16 +249,19 @@ class FileSystem:
         """The allocated entries of a directory, without ``.`` and ``..``."""
         try:
             d = self._fs.open_dir(inode=directory.inode)
-        except OSError as exc:
+        except TSK_ERRORS as exc:
             raise FileSystemError(point=self.label, reason=f"cannot read directory {directory.path!r}: {exc}") from None
         base = directory.path.rstrip(b"/")
-        for f in d:
-            name = bytes(f.info.name.name)
-            if name in (b".", b"..") or not int(f.info.name.flags) & int(pytsk3.TSK_FS_NAME_FLAG_ALLOC):
-                continue
-            entry = self._entry(base + b"/" + name, name, f)
-            if entry is not None:
-                yield entry
+        try:
+            for f in d:
+                name = bytes(f.info.name.name)
+                if name in (b".", b"..") or not int(f.info.name.flags) & int(pytsk3.TSK_FS_NAME_FLAG_ALLOC):
+                    continue
+                entry = self._entry(base + b"/" + name, name, f)
+                if entry is not None:
+                    yield entry
+        except TSK_ERRORS as exc:
+            raise FileSystemError(point=self.label, reason=f"cannot read directory {directory.path!r}: {exc}") from None
 
     def lookup(self, path: str | bytes) -> Entry:
         """The entry at an absolute path (symlinks are not followed)."""
@@ -306,7 +317,7 @@ class FileSystem:
                     for run in attr
                     if not int(run.flags) & sparse
                 )
-        except OSError as exc:
+        except TSK_ERRORS as exc:
             reason = f"cannot map {entry.path.decode(errors='replace')}: {exc}"
             raise FileSystemError(point=self.label, reason=reason) from None
         return None
@@ -319,7 +330,7 @@ class FileSystem:
         f = self._file(entry.inode)
         try:
             data = bytes(f.read_random(offset, size))
-        except OSError as exc:
+        except TSK_ERRORS as exc:
             reason = f"cannot read {entry.path.decode(errors='replace')} at {offset}: {exc}"
             raise FileSystemError(point=self.label, reason=reason) from None
         self.bytes_read += len(data)
