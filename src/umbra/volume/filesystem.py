@@ -61,6 +61,8 @@ _DETECT_ORDER = [
     pytsk3.TSK_FS_TYPE_APFS_DETECT,
 ]
 TSK_ERRORS = (OSError, RuntimeError)  # its own errors; what the image's reader raised
+_DATA_ATTRS = {int(pytsk3.TSK_FS_ATTR_TYPE_DEFAULT), int(pytsk3.TSK_FS_ATTR_TYPE_NTFS_DATA)}
+_WHOLE_READ = int(pytsk3.TSK_FS_ATTR_COMP) | int(pytsk3.TSK_FS_ATTR_ENC)
 _EXT_TYPES = {pytsk3.TSK_FS_TYPE_EXT2, pytsk3.TSK_FS_TYPE_EXT3, pytsk3.TSK_FS_TYPE_EXT4}
 
 
@@ -282,9 +284,9 @@ class FileSystem:
     # --- data --------------------------------------------------------------------------------
 
     def read_file(self, entry: Entry) -> Iterator[tuple[int, bytes]]:
-        """(offset, data) chunks of a regular file, in order.  On ext2/3/4 only the ranges its
-        blocks map are read and holes are left out (a file that claims a terabyte and maps nothing
-        costs nothing); elsewhere holes come back as zeros."""
+        """(offset, data) chunks of a regular file, in order.  Where :meth:`data_ranges` knows the
+        file's runs only the ranges they map are read and holes are left out (a file that claims a
+        terabyte and maps nothing costs nothing); elsewhere holes come back as zeros."""
         ranges = self.data_ranges(entry)
         for start, end in [(0, entry.size)] if ranges is None else ranges:
             offset = start
@@ -299,19 +301,17 @@ class FileSystem:
                 offset += n
 
     def data_ranges(self, entry: Entry) -> list[tuple[int, int]] | None:
-        """The byte ranges of an ext2/3/4 regular file that its blocks map (runs that are not
-        sparse), in order and within its size; None on other filesystems and for data kept in
-        the inode itself."""
-        if not self._ext:
-            return None
+        """The byte ranges of a regular file that its data runs map (not sparse), in order and
+        within its size: ext2/3/4, NTFS (the unnamed ``$DATA``) and FAT/exFAT.  None for data
+        kept in the inode or MFT record itself, and on filesystems whose runs are not read here."""
         block = int(self._fs.info.block_size)
         sparse = int(pytsk3.TSK_FS_ATTR_RUN_FLAG_SPARSE) | int(pytsk3.TSK_FS_ATTR_RUN_FLAG_FILLER)
         try:
             for attr in self._file(entry.inode):
-                if int(attr.info.type) != int(pytsk3.TSK_FS_ATTR_TYPE_DEFAULT):
-                    continue
-                if not int(attr.info.flags) & int(pytsk3.TSK_FS_ATTR_NONRES):
-                    return None
+                if int(attr.info.type) not in _DATA_ATTRS or attr.info.name:
+                    continue  # metadata, or an NTFS named stream
+                if int(attr.info.flags) & _WHOLE_READ or not int(attr.info.flags) & int(pytsk3.TSK_FS_ATTR_NONRES):
+                    return None  # resident, or compressed (its "sparse" runs hold data) or encrypted
                 return merge(
                     (int(run.offset) * block, min((int(run.offset) + int(run.len)) * block, entry.size))
                     for run in attr
