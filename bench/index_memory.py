@@ -1,5 +1,6 @@
 """The in-memory index at scale: bytes per blob, load time and lookups for N synthetic blobs,
-against a plain ``dict[bytes, tuple]`` (what the index would cost written the obvious way).
+against a plain ``dict[bytes, tuple]`` (what the index would cost written the obvious way); then
+loading them from a repository's index files, without and with the local index cache.
 
     .venv/bin/python bench/index_memory.py [--blobs 4000000]
 
@@ -11,15 +12,20 @@ from __future__ import annotations
 import argparse
 import gc
 import os
+import shutil
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent.parent / "src"))
 
-from umbra.repo.format import INDEX_ENTRY
-from umbra.repo.index import Index
+from umbra.repo.backends import LocalBackend
+from umbra.repo.format import INDEX_ENTRY, BlobType
+from umbra.repo.index import Index, encode_index
+from umbra.repo.pack import PackEntry
+from umbra.repo.repository import Repository
 
 PER_PACK = 4000  # blobs per pack (16 MiB packs of 4 KiB compressed blocks, about)
 
@@ -80,6 +86,30 @@ def main() -> None:
     measure("umbra index (backups)", load(False), ids)
     measure("umbra index with pack lists", load(True), ids)
     measure("plain dict of tuples", plain_dict, ids)
+    from_repository(packs)
+
+
+def from_repository(packs: list[tuple[str, bytes]]) -> None:
+    """Index files of 100 packs each in a local repository; load them cold and through the cache."""
+    work = Path(tempfile.mkdtemp(prefix="umbra-index-bench-"))
+    os.environ["UMBRA_CACHE_DIR"] = str(work / "cache")
+    try:
+        repo = Repository.init(LocalBackend(work / "repo"), "bench")
+        for start in range(0, len(packs), 100):
+            chunk = {
+                pack_id: [PackEntry(BlobType(t), bid, o, n) for t, bid, o, n in INDEX_ENTRY.iter_unpack(records)]
+                for pack_id, records in packs[start : start + 100]
+            }
+            name, data = encode_index(repo.crypto, chunk)
+            repo.store_content_addressed(f"index/{name}", data)
+        for label in ("repository, no cache yet", "repository, through the cache"):
+            start_time = time.perf_counter()
+            count = len(Repository.open(LocalBackend(work / "repo"), "bench").load_index())
+            print(f"{label:34} load {time.perf_counter() - start_time:6.2f} s  ({count} blobs)")
+        size = (Repository.open(LocalBackend(work / "repo"), "bench").index_cache().path).stat().st_size
+        print(f"cache file: {size / len(packs) / 4000:.0f} B/blob")
+    finally:
+        shutil.rmtree(work)
 
 
 if __name__ == "__main__":

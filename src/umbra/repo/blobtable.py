@@ -37,6 +37,20 @@ class BlobTable:
         self._mem = bytearray()
         self._resize(_slots_for(capacity))
 
+    @classmethod
+    def from_buffer(cls, mem: bytearray, used: int) -> BlobTable:
+        """A table over a buffer another table had (:attr:`buffer`), holding ``used`` blobs."""
+        if len(mem) % _SIZE or len(mem) < MIN_SLOTS * _SIZE or not 0 <= used <= len(mem) // _SIZE * MAX_LOAD:
+            raise ValueError("not the buffer of a blob table")
+        table = cls()
+        table._mem, table._used = mem, used
+        return table
+
+    @property
+    def buffer(self) -> bytearray:
+        """The slots themselves (for a cache file; not to be changed)."""
+        return self._mem
+
     def __len__(self) -> int:
         return self._used
 

@@ -71,6 +71,11 @@ class Crypto:
     def encrypted(self) -> bool:
         return self._enc_key is not None
 
+    def derived_key(self, context: str) -> bytes:
+        """A key for local use (``context`` names it), derived from the id key: it needs the
+        passphrase of an encrypted repository, and reveals nothing of the id key."""
+        return blake3.blake3(self._id_key, derive_key_context=context).digest()
+
     def blob_id(self, data: bytes | bytearray | memoryview) -> bytes:
         return blake3.blake3(data, key=self._id_key, max_threads=1).digest()
 

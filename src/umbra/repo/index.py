@@ -45,6 +45,18 @@ class Index:
         self._pack_numbers: dict[str, int] = {}
         self._packs: dict[str, bytearray] = {}  # pack id -> its INDEX_ENTRY records (with pack_lists)
 
+    @classmethod
+    def from_table(cls, blobs: BlobTable, pack_ids: list[str]) -> Index:
+        """An index (without pack lists) over a table whose pack numbers stand for ``pack_ids``."""
+        index = cls(pack_lists=False)
+        index._blobs, index._pack_ids = blobs, list(pack_ids)
+        index._pack_numbers = {pack_id: number for number, pack_id in enumerate(pack_ids)}
+        return index
+
+    def table_state(self) -> tuple[bytearray, int, list[str]]:
+        """(the table's slots, how many blobs they hold, the pack ids of its pack numbers)."""
+        return self._blobs.buffer, len(self._blobs), list(self._pack_ids)
+
     def __contains__(self, blob_id: bytes) -> bool:
         return blob_id in self._blobs
 

@@ -49,6 +49,7 @@ from umbra.repo.format import (
     BlobType,
 )
 from umbra.repo.index import Index, Location, decode_index_records
+from umbra.repo.index_cache import IndexCache, default_directory
 from umbra.repo.locks import Lock
 from umbra.repo.manifest import Point, open_point, seal_point
 from umbra.repo.pack import pack_name
@@ -223,15 +224,25 @@ class Repository:
         return self._index
 
     def load_index(self, pack_lists: bool = False) -> Index:
-        index = Index(pack_lists)
+        """Every index file's locations; without pack lists, through the local index cache
+        (:mod:`umbra.repo.index_cache`): only index files it does not hold are read."""
+        names = list(self.backend.list("index"))
+        cache = None if pack_lists else self.index_cache()
+        cached = cache.load(names) if cache is not None else None
+        index, covered = cached if cached is not None else (Index(pack_lists), set())
         files = [
-            decode_index_records(self.crypto, self.backend.load(name), name) for name in self.backend.list("index")
+            decode_index_records(self.crypto, self.backend.load(name), name) for name in names if name not in covered
         ]
-        index.reserve(sum(len(records) for packs in files for records in packs.values()) // INDEX_ENTRY.size)
+        index.reserve(len(index) + sum(len(r) for packs in files for r in packs.values()) // INDEX_ENTRY.size)
         for packs in files:
             for pack_id, records in packs.items():
                 index.add_pack_records(pack_id, records)
+        if cache is not None and files:
+            cache.save(names, index)
         return index
+
+    def index_cache(self) -> IndexCache:
+        return IndexCache(default_directory(), self.config.id, self.crypto)
 
     def store_content_addressed(self, name: str, data: bytes) -> None:
         """Store a pack or index file named by the hash of its bytes.  If the name exists, it holds
