@@ -106,7 +106,7 @@ def from_repository(packs: list[tuple[str, bytes]]) -> None:
             start_time = time.perf_counter()
             count = len(Repository.open(LocalBackend(work / "repo"), "bench").load_index())
             print(f"{label:34} load {time.perf_counter() - start_time:6.2f} s  ({count} blobs)")
-        size = (Repository.open(LocalBackend(work / "repo"), "bench").index_cache().path).stat().st_size
+        size = sum(f.stat().st_size for f in (work / "cache").rglob("index.cache"))
         print(f"cache file: {size / len(packs) / 4000:.0f} B/blob")
     finally:
         shutil.rmtree(work)

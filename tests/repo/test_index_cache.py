@@ -45,6 +45,12 @@ def same(a: Index, b: Index) -> bool:
     return dict(a.items()) == dict(b.items()) and len(a) == len(b)
 
 
+def cache_path(repo: Repository) -> Path:
+    cache = repo.index_cache()
+    assert cache is not None
+    return cache.path
+
+
 def fresh(repo: Repository) -> Index:
     return repo.load_index(pack_lists=True)  # (never through the cache)
 
@@ -61,7 +67,7 @@ def test_a_second_load_reads_no_index_file(repo_dir: Path) -> None:
     repo, backend = reopened(repo_dir)
     first = repo.load_index()
     assert len([n for n in backend.loaded if n.startswith("index/")]) == 3
-    assert repo.index_cache().path.exists()
+    assert cache_path(repo).exists()
     repo, backend = reopened(repo_dir)
     second = repo.load_index()
     assert [n for n in backend.loaded if n.startswith("index/")] == []
@@ -98,7 +104,7 @@ def test_a_rewritten_index_rebuilds_the_cache(repo_dir: Path) -> None:
 def test_a_damaged_or_forged_cache_is_ignored(repo_dir: Path, tmp_path: Path, damage: str, caplog) -> None:  # type: ignore[no-untyped-def]
     repo, _ = reopened(repo_dir)
     truth = repo.load_index()
-    path = repo.index_cache().path
+    path = cache_path(repo)
     data = bytearray(path.read_bytes())
     if damage == "flip":
         data[len(data) // 2] ^= 0x40  # a blob location in the table
@@ -128,4 +134,12 @@ def test_an_unwritable_cache_directory_only_costs_the_cache(
     monkeypatch.setenv("UMBRA_CACHE_DIR", str(blocker))
     repo, _ = reopened(repo_dir)
     assert same(repo.load_index(), fresh(repo))
-    assert not repo.index_cache().path.exists()
+    assert not cache_path(repo).exists()
+
+
+def test_only_a_hexadecimal_repository_id_names_a_cache_directory(tmp_path: Path) -> None:
+    crypto = Repository.init(LocalBackend(tmp_path / "repo"), "secret").crypto
+    for bad in ("../../etc", "ABCDEF0123456789", "", "a" * 15):
+        with pytest.raises(ValueError):
+            IndexCache(tmp_path, bad, crypto)
+    assert IndexCache(tmp_path, "0123456789abcdef", crypto).path == tmp_path / "0123456789abcdef" / "index.cache"

@@ -18,6 +18,7 @@ import contextlib
 import json
 import logging
 import os
+import re
 import struct
 import tempfile
 from pathlib import Path
@@ -34,6 +35,7 @@ _HEAD = struct.Struct("<8sQQ")  # magic, header length, table length
 MAC_SIZE = 32
 MAC_CONTEXT = "umbra 2026-12 local index cache MAC"
 MAX_HEADER = 1 << 30
+_REPO_ID = re.compile(r"[0-9a-f]{16,128}")
 
 
 def default_directory() -> Path:
@@ -48,6 +50,8 @@ class IndexCache:
     """The cache file of one repository under ``directory``."""
 
     def __init__(self, directory: Path, repo_id: str, crypto: Crypto) -> None:
+        if not _REPO_ID.fullmatch(repo_id):  # (it names a directory: nothing else may)
+            raise ValueError(f"repository id {repo_id!r} is not hexadecimal")
         self.path = directory / repo_id / "index.cache"
         self._mac_key = crypto.derived_key(MAC_CONTEXT)
 

@@ -241,8 +241,11 @@ class Repository:
             cache.save(names, index)
         return index
 
-    def index_cache(self) -> IndexCache:
-        return IndexCache(default_directory(), self.config.id, self.crypto)
+    def index_cache(self) -> IndexCache | None:
+        try:
+            return IndexCache(default_directory(), self.config.id, self.crypto)
+        except ValueError:
+            return None  # an id that cannot name a directory: no cache
 
     def store_content_addressed(self, name: str, data: bytes) -> None:
         """Store a pack or index file named by the hash of its bytes.  If the name exists, it holds
