@@ -11,12 +11,16 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from tests.server.helpers import ServerProcess
 from umbra.repo.backends import LocalBackend, MemBackend
 from umbra.repo.backends.base import Backend
+from umbra.repo.backends.http import HttpBackend
 from umbra.repo.repository import Repository
 
 HERE = Path(__file__).parent
@@ -79,10 +83,22 @@ def clean_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
 
 
-@pytest.fixture(params=["mem", "local"])
+@pytest.fixture(scope="session")
+def backup_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    """One real ``umbra serve`` for the session; each test takes repositories of its own."""
+    server = ServerProcess(tmp_path_factory.mktemp("server") / "root")
+    yield server
+    server.stop()
+
+
+@pytest.fixture(params=["mem", "local", "http"])
 def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Backend:
     if request.param == "mem":
         return MemBackend()
+    if request.param == "http":
+        server = request.getfixturevalue("backup_server")
+        name = f"contract-{uuid.uuid4().hex[:12]}"
+        return HttpBackend(server.repo_url(name), server.token(name))
     return LocalBackend(tmp_path / "repo")
 
 

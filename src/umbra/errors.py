@@ -124,6 +124,12 @@ class RepositoryFull(RepositoryIOError):
     errno = errno_mod.ENOSPC
 
 
+class ServerAccessDenied(RepositoryError):
+    """the backup server at {location} refused access: {reason}"""
+
+    exit_code = 28
+
+
 class CheckFailed(RepositoryError):
     """check found {count} problem(s) in the repository"""
 

@@ -1,4 +1,4 @@
-"""The Backend contract, run over every implementation (mem, local)."""
+"""The Backend contract, run over every implementation (mem, local, a backup server over HTTP)."""
 
 import pytest
 

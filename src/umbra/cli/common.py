@@ -25,7 +25,7 @@ from rich.progress import (
 
 from umbra.errors import PassphraseMissing, UsageError
 from umbra.repo.audit import audit
-from umbra.repo.backends import open_backend
+from umbra.repo.backends import Backend, open_backend
 from umbra.repo.cdp import Instant
 from umbra.repo.repository import Repository
 
@@ -84,9 +84,17 @@ def new_passphrase() -> str:
     return secret
 
 
+def backend_for(location: str) -> Backend:
+    """The backend of ``location``; a backup server's token from UMBRA_TOKEN(_FILE/_COMMAND), its
+    certificate authority (when it is not a public one) from UMBRA_CA_FILE."""
+    remote = location.startswith(("http://", "https://"))
+    token = _secret_from_env("UMBRA_TOKEN") if remote else None
+    return open_backend(location, token, os.environ.get("UMBRA_CA_FILE") or None)
+
+
 @contextmanager
 def open_repository(location: str | None) -> Iterator[Repository]:
-    repo = Repository.open(open_backend(require_repo(location)), passphrase)
+    repo = Repository.open(backend_for(require_repo(location)), passphrase)
     for message in audit(repo, seen_file(repo.config.id)).messages():
         stderr.print(f"warning: {message}")
     yield repo

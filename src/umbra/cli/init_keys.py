@@ -10,6 +10,7 @@ from rich.table import Table
 from umbra.cli.common import (
     JsonOption,
     RepoOption,
+    backend_for,
     emit_json,
     new_passphrase,
     open_repository,
@@ -19,7 +20,6 @@ from umbra.cli.common import (
     stdout,
 )
 from umbra.errors import PassphraseMissing
-from umbra.repo.backends import open_backend
 from umbra.repo.format import DEFAULT_FANOUT
 from umbra.repo.repository import Repository
 
@@ -41,7 +41,7 @@ def init(
         if not secret:
             raise PassphraseMissing()
     r = Repository.init(
-        open_backend(require_repo(repo)), secret, encryption, parse_size(block_size), fanout, parse_size(pack_size)
+        backend_for(require_repo(repo)), secret, encryption, parse_size(block_size), fanout, parse_size(pack_size)
     )
     if json_out:
         emit_json({"id": r.config.id, "location": r.backend.location, "encryption": r.config.encryption})

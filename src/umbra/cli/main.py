@@ -39,6 +39,8 @@ COMMANDS: dict[str, tuple[str, str, bool]] = {
     "bookmark": ("timeline", "bookmark", False),
     "timeline": ("timeline", "timeline", False),
     "cdp": ("timeline", "cdp_app", True),
+    "serve": ("server", "serve", False),
+    "token": ("server", "token_app", True),
 }
 GLOBAL_OPTIONS_WITH_VALUE = ("--password-file", "--password-command")
 

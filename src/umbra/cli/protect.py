@@ -9,9 +9,8 @@ from typing import Annotated, Any
 import typer
 from rich.table import Table
 
-from umbra.cli.common import JsonOption, emit_json, human_bytes, parse_size, passphrase, stdout
+from umbra.cli.common import JsonOption, backend_for, emit_json, human_bytes, parse_size, passphrase, stdout
 from umbra.frontends.control import ControlClient, state_dir_for
-from umbra.repo.backends import open_backend
 from umbra.repo.repository import Repository
 
 StateOption = Annotated[
@@ -96,7 +95,7 @@ def protect(
         journal_min_free=parse_size(journal_min_free),
         journal_cut_damaged=journal_cut_damaged,
         journal_direct=journal_direct,
-        repo=Repository.open(open_backend(repo), passphrase) if repo else None,
+        repo=Repository.open(backend_for(repo), passphrase) if repo else None,
         ship_interval=ship_interval,
     )
 
