@@ -5,7 +5,7 @@ UMBRA_ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 EXTRA=${1:-}
 
 debian_packages=(e2fsprogs util-linux fuse3 libfuse3-dev pkg-config)
-[ "$EXTRA" = test ] && debian_packages+=(fiu-utils xfsprogs btrfs-progs postgresql qemu-utils libnbd-bin nbdkit libfaketime ntfs-3g dosfstools mtools)
+[ "$EXTRA" = test ] && debian_packages+=(fiu-utils xfsprogs btrfs-progs postgresql qemu-utils libnbd-bin nbdkit libfaketime ntfs-3g dosfstools mtools chromium chromium-driver)
 missing=()
 for pkg in "${debian_packages[@]}"; do
   dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")

@@ -14,6 +14,8 @@ import urllib3
 
 from umbra.server.tokens import TokenStore, tokens_path
 
+MiB = 1 << 20
+
 
 class ServerProcess:
     def __init__(self, root: Path, *extra: str) -> None:
@@ -50,6 +52,9 @@ class ServerProcess:
     def token(self, repo: str, append_only: bool = False) -> str:
         return TokenStore(tokens_path(self.root)).add(repo, "append" if append_only else "full")[1]
 
+    def admin_token(self) -> str:
+        return TokenStore(tokens_path(self.root)).add("", "admin")[1]
+
     def revoke(self, token: str) -> None:
         TokenStore(tokens_path(self.root)).revoke(token.split("_")[1])
 
@@ -74,3 +79,29 @@ class ServerProcess:
 
 def cli_env(token: str, **extra: str) -> dict[str, str]:
     return dict(os.environ, UMBRA_TOKEN=token, UMBRA_PASSWORD="secret", **extra)
+
+
+def umbra(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "umbra", *args], env=env, capture_output=True, text=True, timeout=300, check=False
+    )
+
+
+def volume(path: Path, seed: int, size: int = 8 * MiB) -> Path:
+    path.write_bytes(bytes(size))
+    with open(path, "r+b") as f:
+        for i in range(0, size, MiB):
+            f.seek(i)
+            f.write(os.urandom(64 * 1024) if (i // MiB + seed) % 2 else b"\0")
+    return path
+
+
+def alice_with_a_point(server: ServerProcess, tmp_path: Path) -> tuple[str, Path]:
+    token = server.token("alice")
+    url = server.repo_url("alice")
+    env = cli_env(token)
+    assert umbra(env, "init", "--repo", url).returncode == 0
+    source = volume(tmp_path / "alice.img", seed=1)
+    done = umbra(env, "backup", str(source), "--volume", "vol", "--repo", url)
+    assert done.returncode == 0, done.stderr
+    return token, source

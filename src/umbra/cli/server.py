@@ -51,19 +51,24 @@ token_app = typer.Typer(help="Access tokens of the backup server (`umbra serve`)
 @token_app.command("add")
 def token_add(
     root: RootOption,
-    repo: Annotated[str, typer.Option(help="The repository the token opens (a name under ROOT/repos).")],
+    repo: Annotated[str, typer.Option(help="The repository the token opens (a name under ROOT/repos).")] = "",
     append_only: Annotated[
         bool, typer.Option("--append-only", help="Back up only: read and add objects, never delete or replace.")
     ] = False,
+    admin: Annotated[bool, typer.Option("--admin", help="For the web UI and statistics: opens no repository.")] = False,
     label: Annotated[str, typer.Option(help="A note: the client it is for.")] = "",
     json_out: JsonOption = False,
 ) -> None:
     """Make a token; it is shown once (the server keeps only its hash)."""
-    entry, token = TokenStore(tokens_path(root)).add(repo, "append" if append_only else "full", label)
+    if admin == bool(repo) or (admin and append_only):
+        raise UsageError("give --repo NAME (with --append-only or not), or --admin")
+    role = "admin" if admin else "append" if append_only else "full"
+    entry, token = TokenStore(tokens_path(root)).add(repo, role, label)
     if json_out:
         emit_json({"id": entry.id, "repo": entry.repo, "role": entry.role, "token": token})
         return
-    stderr.print(f"token {entry.id} opens repository {entry.repo!r} ({entry.role}); it is shown only now:")
+    opens = "the web UI" if entry.role == "admin" else f"repository {entry.repo!r} ({entry.role})"
+    stderr.print(f"token {entry.id} opens {opens}; it is shown only now:")
     stdout.print(token, soft_wrap=True)
 
 

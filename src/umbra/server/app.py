@@ -18,6 +18,10 @@ Routes (``{repo}``: ``[a-z0-9][a-z0-9_-]{0,63}``; ``{name}``: a repository objec
     DELETE /v1/repos/{repo}/objects/{name}
     GET    /v1/repos/{repo}/list/{directory} {"names": [...]}
     POST   /v1/repos/{repo}/temporaries      remove half-written leftovers (full tokens)
+    GET    /v1/admin/repos                   every repository's statistics (admin tokens)
+    /ui/...                                  the web UI (:mod:`umbra.server.ui`; its own login)
+
+Admin tokens open no repository: they read statistics and manage tokens.
 
 Failed logins are limited per client address (a token bucket: FAILED_BURST at once, FAILED_RATE
 a second after that); past the limit every request from that address gets 429, whatever token it
@@ -40,7 +44,9 @@ from aiohttp import web
 from umbra.errors import ObjectMissing, RepositoryExists, RepositoryFull, UmbraError, UsageError
 from umbra.repo.backends.base import DIRECTORIES, validate_name
 from umbra.repo.backends.local import LocalBackend
+from umbra.server.stats import all_repos, repo_stats
 from umbra.server.tokens import REPO_NAME, Token, TokenStore
+from umbra.server.ui import WebUI
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -79,7 +85,7 @@ class Server:
         self.root = root
         self.tokens = tokens
         self.executor = ThreadPoolExecutor(workers, thread_name_prefix="umbra-serve")
-        self._failed = _FailedLogins()
+        self.failed_logins = _FailedLogins()
         self._lock_owners: dict[tuple[str, str], str] = {}  # (repo, lock name) -> token id
 
     def app(self) -> web.Application:
@@ -92,6 +98,8 @@ class Server:
         app.router.add_delete(base + "/objects/{name:.+}", self.delete)
         app.router.add_get(base + "/list/{directory}", self.list)
         app.router.add_post(base + "/temporaries", self.temporaries)
+        app.router.add_get("/v1/admin/repos", self.admin_repos)
+        WebUI(self).add_routes(app)
         return app
 
     # --- middleware --------------------------------------------------------------------------
@@ -117,8 +125,10 @@ class Server:
 
     @web.middleware
     async def _auth(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        if request.path == "/ui" or request.path.startswith("/ui/"):
+            return await handler(request)  # the web UI's own login and session cookie
         address = request.remote or "?"
-        if self._failed.blocked(address):
+        if self.failed_logins.blocked(address):
             raise web.HTTPTooManyRequests(text="too many failed logins from this address; wait\n")
         header = request.headers.get("Authorization", "")
         try:
@@ -127,11 +137,13 @@ class Server:
             log.error("%s", exc)
             raise web.HTTPServiceUnavailable(text="the server's tokens are unreadable\n") from None
         if token is None:
-            self._failed.failed(address)
+            self.failed_logins.failed(address)
             log.info("refused %s %s from %s: no valid token", request.method, request.path, address)
             raise web.HTTPUnauthorized(text="a valid token is needed\n", headers={"WWW-Authenticate": "Bearer"})
-        repo = request.match_info.get("repo")
-        if repo is None or repo != token.repo:  # another client's repository looks like none at all
+        if request.path.startswith("/v1/admin/"):
+            if token.role != "admin":
+                raise web.HTTPNotFound(text="no such page\n")
+        elif request.match_info.get("repo") != token.repo:  # another client's repository looks like none
             raise web.HTTPNotFound(text="no such repository\n")
         request[TOKEN_KEY] = token
         return await handler(request)
@@ -150,20 +162,20 @@ class Server:
         except ValueError:
             raise web.HTTPNotFound(text="no such object\n") from None
 
-    async def _run(self, fn: Callable[..., T], *args: Any) -> T:
+    async def run(self, fn: Callable[..., T], *args: Any) -> T:
         return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
 
     async def get_repo(self, request: web.Request) -> web.Response:
-        return web.json_response({"exists": await self._run(self._backend(request).exists)})
+        return web.json_response({"exists": await self.run(self._backend(request).exists)})
 
     async def create_repo(self, request: web.Request) -> web.Response:
-        await self._run(self._backend(request).create)
+        await self.run(self._backend(request).create)
         return web.json_response({"created": True}, status=201)
 
     async def load(self, request: web.Request) -> web.StreamResponse:
         backend, name = self._backend(request), self._name(request)
         if request.method == "HEAD":
-            return web.Response(headers={"Content-Length": str(await self._run(backend.size, name))})
+            return web.Response(headers={"Content-Length": str(await self.run(backend.size, name))})
         offset, length = 0, None
         wanted = request.headers.get("Range")
         if wanted is not None:
@@ -173,7 +185,7 @@ class Server:
             offset = int(match.group(1))
             if match.group(2):
                 length = max(0, int(match.group(2)) - offset + 1)
-        data = await self._run(backend.load, name, offset, length)
+        data = await self.run(backend.load, name, offset, length)
         return web.Response(body=data, content_type="application/octet-stream")
 
     async def store(self, request: web.Request) -> web.Response:
@@ -182,7 +194,7 @@ class Server:
         if replace and not self._may_change(token, name):
             raise web.HTTPForbidden(text="this token may not replace objects\n")
         data = await request.read()
-        await self._run(backend.store, name, data, replace)
+        await self.run(backend.store, name, data, replace)
         if name.startswith("locks/") and not replace:
             self._lock_owners[(token.repo, name)] = token.id
         return web.Response(status=201)
@@ -191,7 +203,7 @@ class Server:
         backend, name, token = self._backend(request), self._name(request), request[TOKEN_KEY]
         if not self._may_change(token, name):
             raise web.HTTPForbidden(text="this token may not delete objects\n")
-        await self._run(backend.delete, name)
+        await self.run(backend.delete, name)
         self._lock_owners.pop((token.repo, name), None)
         return web.Response(status=204)
 
@@ -200,13 +212,19 @@ class Server:
         if directory not in DIRECTORIES:
             raise web.HTTPNotFound(text="no such directory\n")
         backend = self._backend(request)
-        names = await self._run(lambda: list(backend.list(directory)))
+        names = await self.run(lambda: list(backend.list(directory)))
         return web.json_response({"names": names})
 
     async def temporaries(self, request: web.Request) -> web.Response:
         if request[TOKEN_KEY].role != "full":
             raise web.HTTPForbidden(text="this token may not remove objects\n")
-        return web.json_response({"removed": await self._run(self._backend(request).remove_temporaries)})
+        return web.json_response({"removed": await self.run(self._backend(request).remove_temporaries)})
+
+    async def admin_repos(self, request: web.Request) -> web.Response:
+        """Every repository's statistics (admin tokens)."""
+        root = self.root
+        stats = await self.run(lambda: [repo_stats(root, name).to_dict() for name in all_repos(root)])
+        return web.json_response({"repos": stats})
 
     def _may_change(self, token: Token, name: str) -> bool:
         """Full tokens change anything; append-only ones only the lock files they created."""

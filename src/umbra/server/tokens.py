@@ -1,5 +1,6 @@
 """Access tokens of the backup server: each opens one repository, for everything (``full``) or for
-backing up only (``append``: read, and add objects; never delete or replace what exists).
+backing up only (``append``: read, and add objects; never delete or replace what exists); or none
+(``admin``: the web UI and the statistics, never a repository's objects).
 
 A token reads ``umbra_<id>_<secret>``: the id names its entry in the tokens file, the secret (32
 random bytes) is kept there only as its SHA-256 (a secret that random needs no slow hash) and is
@@ -18,7 +19,6 @@ import json
 import os
 import re
 import secrets
-import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -26,8 +26,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from umbra.errors import UsageError
+from umbra.repo.backends.local import atomic_write
 
-ROLES = ("full", "append")
+ROLES = ("full", "append", "admin")
+ALL_REPOS = "*"  # the repository field of admin tokens: they open none
 REPO_NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,63}")
 _TOKEN = re.compile(r"umbra_([0-9a-f]{16})_([A-Za-z0-9_-]{43})")
 
@@ -82,7 +84,9 @@ class TokenStore:
 
     def add(self, repo: str, role: str, label: str = "") -> tuple[Token, str]:
         """A new token for ``repo``: (its entry, the token to hand out, shown only now)."""
-        if not REPO_NAME.fullmatch(repo):
+        if role == "admin":
+            repo = ALL_REPOS
+        elif not REPO_NAME.fullmatch(repo):
             raise UsageError(f"repository name {repo!r}: use lower-case letters, digits, '-' and '_' (at most 64)")
         if role not in ROLES:
             raise UsageError(f"role {role!r}: one of {', '.join(ROLES)}")
@@ -130,16 +134,5 @@ class TokenStore:
             raise UsageError(f"tokens file {self.path} is unreadable: {exc}") from None
 
     def _write(self, tokens: dict[str, Token]) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
         data = json.dumps({"tokens": [asdict(t) for t in tokens.values()]}, indent=1).encode()
-        fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=".tokens.")  # (created 0600)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, self.path)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-            raise
+        atomic_write(self.path, data, replace=True)  # (created 0600)
