@@ -79,3 +79,13 @@ def test_job_errors(setup: tuple[Path, dict[str, str]]) -> None:
         load_job("images", str(tmp_path / "missing.toml"))
     proc = umbra(env, "backup", "--job", "nope")
     assert proc.returncode == 5 and proc.stderr.count("\n") == 1
+
+
+def test_job_retention_takes_a_duration(tmp_path: Path) -> None:
+    jobs = tmp_path / "jobs.toml"
+    jobs.write_text('[job.x]\nsources = ["/dev/null"]\n[job.x.retention]\nkeep_within = "30d"\nkeep_last = 2\n')
+    policy = load_job("x", str(jobs)).retention
+    assert policy is not None and policy.keep_within == 30 * 86400 and policy.keep_last == 2
+    jobs.write_text('[job.x]\nsources = ["/dev/null"]\n[job.x.retention]\nkeep_within = "soon"\n')
+    with pytest.raises(UsageError, match="duration"):
+        load_job("x", str(jobs))

@@ -12,6 +12,8 @@ import subprocess
 import sys
 import threading
 import time
+from dataclasses import replace
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -21,6 +23,9 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from tests.server.helpers import MiB, ServerProcess, alice_with_a_point, cli_env, umbra, volume
+from umbra.repo.backends.http import HttpBackend
+from umbra.repo.manifest import seal_point
+from umbra.repo.repository import Repository
 from umbra.server.app import Server
 from umbra.server.tokens import TokenStore
 
@@ -265,3 +270,30 @@ def test_tokens_are_managed_from_the_command_line(tmp_path: Path) -> None:
     for bad in (["--admin", "--repo", "x"], [], ["--repo", "../etc"]):
         done = umbra(env, "token", "add", "--root", str(root), *bad)
         assert done.returncode == 5 and len(done.stderr.strip().splitlines()) == 1, done.stderr
+
+
+def test_points_an_append_only_client_plants_do_not_steer_prune(server: ServerProcess, tmp_path: Path) -> None:
+    """F3: a client holding the key but only an append-only token adds points dated after the real
+    ones (and in the future); the documented policy, --keep-within counted from now, keeps every
+    real point, and points from the future are kept, reported, and counted by no rule."""
+    full, source = alice_with_a_point(server, tmp_path)
+    url = server.repo_url("alice")
+    for seed in (2, 3):
+        volume(source, seed=seed)
+        assert umbra(cli_env(full), "backup", str(source), "--volume", "vol", "--repo", url).returncode == 0
+    append = server.token("alice", append_only=True)
+    repo = Repository.open(HttpBackend(url, append), "secret")
+    real = repo.list_points()
+    newest = real[-1]
+    for i, when in enumerate([newest.time + timedelta(minutes=1 + i) for i in range(3)]):
+        fake = replace(newest, id=f"{0xFA4E + i:064x}", time=when)
+        repo.backend.store(f"points/{fake.id}", seal_point(repo.crypto, fake))
+    for i in range(3):
+        fake = replace(newest, id=f"{0xF07 + i:064x}", time=newest.time + timedelta(days=365 + i))
+        repo.backend.store(f"points/{fake.id}", seal_point(repo.crypto, fake))
+    pruned = umbra(cli_env(full), "prune", "--keep-within", "30d", "--repo", url, "--json")
+    assert pruned.returncode == 0, pruned.stderr
+    assert json.loads(pruned.stdout)["removed"] == []
+    assert pruned.stderr.count("in the future") == 3
+    left = {p.id for p in Repository.open(HttpBackend(url, full), "secret").list_points()}
+    assert {p.id for p in real} <= left

@@ -14,7 +14,7 @@ from umbra.repo.check import check as repo_check
 from umbra.repo.prune import prune as repo_prune
 from umbra.repo.repair import RepairResult
 from umbra.repo.repair import repair as repo_repair
-from umbra.repo.retention import Policy
+from umbra.repo.retention import Policy, parse_duration
 
 
 def check(
@@ -90,6 +90,9 @@ def prune(
     keep_daily: Annotated[int, typer.Option(help="Keep the newest point of each of N days.")] = 0,
     keep_weekly: Annotated[int, typer.Option(help="Keep the newest point of each of N weeks.")] = 0,
     keep_monthly: Annotated[int, typer.Option(help="Keep the newest point of each of N months.")] = 0,
+    keep_within: Annotated[
+        str | None, typer.Option(help="Keep every point from this long before now on (e.g. 30d).")
+    ] = None,
     dry_run: Annotated[bool, typer.Option(help="Only show what would be removed.")] = False,
     volume: Annotated[list[str] | None, typer.Option("--volume", "-v", help="Apply to these volumes only.")] = None,
     job: Annotated[str | None, typer.Option(help="Use this job's retention and volumes (docs/JOBS.md).")] = None,
@@ -99,7 +102,8 @@ def prune(
     json_out: JsonOption = False,
 ) -> None:
     """Remove points by a retention policy and free the space only they used."""
-    policy = Policy(keep_last, keep_hourly, keep_daily, keep_weekly, keep_monthly)
+    within = parse_duration(keep_within) if keep_within else 0.0
+    policy = Policy(keep_last, keep_hourly, keep_daily, keep_weekly, keep_monthly, within)
     if job:
         spec = load_job(job, jobs_file)
         if spec.retention is None:

@@ -14,7 +14,7 @@ from umbra.coordinator.snapshot_set import SetOptions
 from umbra.engine import compact as engine_compact
 from umbra.engine import timeline as engine_timeline
 from umbra.engine.jobs import build_writers
-from umbra.errors import UsageError
+from umbra.repo.retention import parse_duration
 
 
 def _local(ns: int) -> str:
@@ -78,15 +78,6 @@ def timeline(
 
 
 cdp_app = typer.Typer(help="Continuous data protection in the repository.", no_args_is_help=True)
-_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
-
-
-def parse_duration(text: str) -> float:
-    t = text.strip().lower()
-    try:
-        return float(t[:-1]) * _UNITS[t[-1]] if t and t[-1] in _UNITS else float(t)
-    except ValueError:
-        raise UsageError(f"cannot read {text!r} as a duration (e.g. 90s, 30m, 24h, 7d)") from None
 
 
 @cdp_app.command("compact")

@@ -14,7 +14,7 @@ from typing import Any
 from umbra.coordinator.snapshot_set import SetOptions
 from umbra.engine.backup_set import SetBackupOptions
 from umbra.errors import UsageError
-from umbra.repo.retention import Policy
+from umbra.repo.retention import Policy, parse_duration
 from umbra.writers.base import Writer
 from umbra.writers.postgres import PostgresWriter
 from umbra.writers.script import ScriptWriter
@@ -121,7 +121,13 @@ def load_job(name: str, path: str | None = None) -> Job:
             spec.get("post_snapshot"),
             spec.get("post_backup"),
             list(spec.get("sqlite", [])),
-            Policy(**retention) if retention else None,
+            _policy(retention) if retention else None,
         )
     except (KeyError, TypeError, ValueError) as exc:
         raise UsageError(f"job {name!r} in {location}: {exc}") from None
+
+
+def _policy(retention: dict[str, Any]) -> Policy:
+    """A retention table; ``keep_within`` as a duration ("30d") or seconds."""
+    within = retention.get("keep_within", 0)
+    return Policy(**{**retention, "keep_within": parse_duration(str(within))})

@@ -19,6 +19,7 @@ Routes (``{repo}``: ``[a-z0-9][a-z0-9_-]{0,63}``; ``{name}``: a repository objec
     GET    /v1/repos/{repo}/list/{directory} {"names": [...]}
     POST   /v1/repos/{repo}/temporaries      remove half-written leftovers (full tokens)
     GET    /v1/admin/repos                   every repository's statistics (admin tokens)
+    GET    /v1/health                        {"ok": true}, without a token
     /ui/...                                  the web UI (:mod:`umbra.server.ui`; its own login)
 
 Admin tokens open no repository: they read statistics and manage tokens.
@@ -99,6 +100,7 @@ class Server:
         app.router.add_get(base + "/list/{directory}", self.list)
         app.router.add_post(base + "/temporaries", self.temporaries)
         app.router.add_get("/v1/admin/repos", self.admin_repos)
+        app.router.add_get("/v1/health", self.health)
         WebUI(self).add_routes(app)
         return app
 
@@ -127,6 +129,8 @@ class Server:
     async def _auth(self, request: web.Request, handler: Handler) -> web.StreamResponse:
         if request.path == "/ui" or request.path.startswith("/ui/"):
             return await handler(request)  # the web UI's own login and session cookie
+        if request.path == "/v1/health":
+            return await handler(request)  # for load balancers and monitoring: says nothing else
         address = request.remote or "?"
         if self.failed_logins.blocked(address):
             raise web.HTTPTooManyRequests(text="too many failed logins from this address; wait\n")
@@ -219,6 +223,9 @@ class Server:
         if request[TOKEN_KEY].role != "full":
             raise web.HTTPForbidden(text="this token may not remove objects\n")
         return web.json_response({"removed": await self.run(self._backend(request).remove_temporaries)})
+
+    async def health(self, request: web.Request) -> web.Response:
+        return web.json_response({"ok": True})
 
     async def admin_repos(self, request: web.Request) -> web.Response:
         """Every repository's statistics (admin tokens)."""
