@@ -69,6 +69,9 @@ def test_tenants_cannot_reach_each_other(server: ServerProcess, tmp_path: Path) 
                 path = template.replace("{repo}", target).replace("{name}", name).replace("{directory}", "data")
                 path = path.replace("{token_id}", bob.split("_")[1])
                 answer = server.request(method, path, bob, body=b"x" if method in ("PUT", "POST") else None)
+                if path == "/v1/health":  # open to all, and says only this
+                    assert answer.status == 405 or answer.data in (b"", b'{"ok": true}'), answer.data
+                    continue
                 (answers if path.startswith("/v1/") else pages).append(answer)
     for method, path in [("GET", "/v1/repos/bob/objects/..%2f..%2falice%2fconfig"), ("GET", "/v1/repos/bob/../alice")]:
         answers.append(server.request(method, path, bob))

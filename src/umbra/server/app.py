@@ -52,6 +52,7 @@ from umbra.server.ui import WebUI
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 MAX_OBJECT = 256 << 20  # a pack is 16-64 MiB
+MAX_BODIES = 8  # objects held in memory at once (uploads and downloads); other requests wait their turn
 FAILED_BURST = 5
 FAILED_RATE = 2.0  # failed logins a second, per address, once the burst is spent
 _RANGE = re.compile(r"bytes=(\d+)-(\d*)")
@@ -88,6 +89,7 @@ class Server:
         self.executor = ThreadPoolExecutor(workers, thread_name_prefix="umbra-serve")
         self.failed_logins = _FailedLogins()
         self._lock_owners: dict[tuple[str, str], str] = {}  # (repo, lock name) -> token id
+        self._bodies: asyncio.Semaphore | None = None  # made in the server's loop
 
     def app(self) -> web.Application:
         app = web.Application(client_max_size=MAX_OBJECT, middlewares=[self._errors, self._auth])
@@ -189,16 +191,21 @@ class Server:
             offset = int(match.group(1))
             if match.group(2):
                 length = max(0, int(match.group(2)) - offset + 1)
-        data = await self.run(backend.load, name, offset, length)
-        return web.Response(body=data, content_type="application/octet-stream")
+        async with self._body_slot():
+            data = await self.run(backend.load, name, offset, length)
+            response = web.Response(body=data, content_type="application/octet-stream")
+            await response.prepare(request)
+            await response.write_eof()
+            return response
 
     async def store(self, request: web.Request) -> web.Response:
         backend, name, token = self._backend(request), self._name(request), request[TOKEN_KEY]
         replace = request.query.get("replace") == "1"
         if replace and not self._may_change(token, name):
             raise web.HTTPForbidden(text="this token may not replace objects\n")
-        data = await request.read()
-        await self.run(backend.store, name, data, replace)
+        async with self._body_slot():
+            data = await request.read()
+            await self.run(backend.store, name, data, replace)
         if name.startswith("locks/") and not replace:
             self._lock_owners[(token.repo, name)] = token.id
         return web.Response(status=201)
@@ -232,6 +239,12 @@ class Server:
         root = self.root
         stats = await self.run(lambda: [repo_stats(root, name).to_dict() for name in all_repos(root)])
         return web.json_response({"repos": stats})
+
+    def _body_slot(self) -> asyncio.Semaphore:
+        """At most MAX_BODIES objects in memory at once, however many clients send or fetch packs."""
+        if self._bodies is None:
+            self._bodies = asyncio.Semaphore(MAX_BODIES)
+        return self._bodies
 
     def _may_change(self, token: Token, name: str) -> bool:
         """Full tokens change anything; append-only ones only the lock files they created."""
