@@ -252,3 +252,27 @@ def test_an_error_a_subverted_reader_claims_is_still_only_an_error(
             parser.children(parser.root())
     finally:
         parser.close()
+
+
+def test_a_slow_repository_is_not_the_parsers_stall(image: Path) -> None:
+    """Reads of parts already read are no progress; the time the repository takes to deliver
+    them is not held against the parser either."""
+    plain = reader(image)
+    slow = {"on": False}
+
+    def sluggish(offset: int, length: int) -> bytes:
+        if slow["on"]:
+            time.sleep(0.3)
+        return plain(offset, length)
+
+    parser = ParserProcess(sluggish, SIZE, "fs", stall_s=0.5)
+    try:
+        big = next(e for e in parser.children(parser.root()) if e.name == b"random.bin")
+        data = parser.read_at(big, 0, big.size)
+        os.kill(parser.pid, signal.SIGKILL)  # type: ignore[arg-type]
+        time.sleep(0.2)
+        slow["on"] = True  # the new parser reads only what the first one read, each part slowly
+        assert parser.read_at(big, 0, big.size) == data
+        assert parser.restarts == 1
+    finally:
+        parser.close()

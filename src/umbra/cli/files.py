@@ -10,7 +10,7 @@ import typer
 
 from umbra.cli.common import JsonOption, RepoOption, emit_json, human_bytes, open_repository, stderr, stdout
 from umbra.engine import files as engine_files
-from umbra.engine.isolated import run_isolated
+from umbra.engine.parser_process import ParserProcess
 
 _SINGULAR = {
     "files": "file",
@@ -48,7 +48,8 @@ def ls(
     """List files inside a point's filesystem (ext2/3/4, FAT, exFAT, NTFS, ...) without mounting it."""
     with open_repository(repo) as r:
         image = engine_files.open_image(r, point)
-        listing = run_isolated(lambda progress: engine_files.list_files(image, path, recursive, progress.tick), point)
+        with ParserProcess(image.view.read, image.view.size, image.label) as fs:
+            listing = engine_files.list_files(image, fs, path, recursive)
     if json_out:
         emit_json(listing)
         return
@@ -66,7 +67,8 @@ def extract(
     """Restore files from a point's filesystem into DEST, reading only the blocks they need."""
     with open_repository(repo) as r:
         image = engine_files.open_image(r, point)
-        result = run_isolated(lambda progress: engine_files.extract_files(image, path, dest, progress.tick), point)
+        with ParserProcess(image.view.read, image.view.size, image.label) as fs:
+            result = engine_files.extract_files(image, fs, path, dest)
     for warning in result["warnings"]:
         stderr.print(f"warning: {warning}", markup=False)
     if json_out:

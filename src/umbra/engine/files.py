@@ -7,11 +7,12 @@ directory descriptor with ``O_NOFOLLOW``/``O_EXCL``, and nothing that exists is 
 followed.  Ownership is restored when running as root; extended attributes when the target
 filesystem accepts them (what it refuses is reported, not fatal).
 
-:func:`list_files` and :func:`extract_files` are the jobs behind ``ls`` and ``extract``; the CLI
-resolves the point (:func:`open_image`) and then runs them in a child process
-(:mod:`umbra.engine.isolated`), since the filesystem they parse came from the backed-up machine.
-``tick`` is called whenever they get somewhere: an entry, file data, or a part of the image not
-read before.
+:func:`list_files` and :func:`extract_files` are what ``ls`` and ``extract`` do; the CLI resolves
+the point (:func:`open_image`) and hands them the filesystem as a parser in a confined process of
+its own (:mod:`umbra.engine.parser_process`), since it came from the backed-up machine: the walk
+and every write into DEST stay here, the parsing happens there.  The fuzzing harness runs them on
+an in-process :class:`FileSystem` in a forked child instead (:mod:`umbra.engine.isolated`), where
+``tick`` reports progress: an entry, file data, or a part of the image not read before.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from umbra.repo.repository import Repository
 from umbra.repo.view import BlockView, open_state
 from umbra.volume import btrfs_send
 from umbra.volume.blockio import pwrite_all
-from umbra.volume.filesystem import Entry, FileSystem, safe_name
+from umbra.volume.filesystem import Entry, FileSystem, FileTree, safe_name
 
 MAX_DEPTH = 4096
 WATCH_CHUNK = 64 * 1024  # granularity of "a part of the image not read before"
@@ -65,9 +66,14 @@ class PointImage:
     point: Point
     view: BlockView
 
+    @property
+    def label(self) -> str:
+        return f"{self.ref} (point {self.point.short_id} of {self.point.volume})"
+
     def filesystem(self, tick: Tick | None = None) -> FileSystem:
+        """The filesystem, parsed in this process (the commands use a parser process instead)."""
         read = self.view.read if tick is None else NewReads(self.view.read, self.view.size, tick)
-        return FileSystem(read, self.view.size, f"{self.ref} (point {self.point.short_id} of {self.point.volume})")
+        return FileSystem(read, self.view.size, self.label)
 
 
 def open_image(repo: Repository, ref: str) -> PointImage:
@@ -89,7 +95,7 @@ def open_filesystem(repo: Repository, ref: str) -> tuple[Point, BlockView, FileS
     return image.point, image.view, image.filesystem()
 
 
-def list_entries(fs: FileSystem, path: str = "/", recursive: bool = False, tick: Tick | None = None) -> list[Entry]:
+def list_entries(fs: FileTree, path: str = "/", recursive: bool = False, tick: Tick | None = None) -> list[Entry]:
     """What ``ls`` shows: the entries of directory ``path`` (or everything below it), or the one
     entry ``path`` names; sorted by path."""
     top = fs.lookup(path)
@@ -105,17 +111,16 @@ def list_entries(fs: FileSystem, path: str = "/", recursive: bool = False, tick:
     return sorted(entries, key=lambda e: e.path)
 
 
-def list_files(image: PointImage, path: str = "/", recursive: bool = False, tick: Tick | None = None) -> dict[str, Any]:
-    """The ``ls`` job: ``{"point", "filesystem", "entries": [describe(entry), ...]}``."""
-    fs = image.filesystem(tick)
-    entries = list_entries(fs, path, recursive, tick)
+def list_files(image: PointImage, fs: FileTree, path: str = "/", recursive: bool = False) -> dict[str, Any]:
+    """What ``ls`` shows: ``{"point", "filesystem", "entries": [describe(entry), ...]}``."""
+    entries = list_entries(fs, path, recursive)
     return {"point": image.point.id, "filesystem": fs.type_name, "entries": [describe(e) for e in entries]}
 
 
-def extract_files(image: PointImage, path: str, dest: str, tick: Tick | None = None) -> dict[str, Any]:
-    """The ``extract`` job: what :func:`extract` did, and what it read of which point."""
+def extract_files(image: PointImage, fs: FileTree, path: str, dest: str) -> dict[str, Any]:
+    """What ``extract`` did, and what it read of which point."""
     point = image.point
-    result = extract(image.filesystem(tick), path, dest, tick=tick)
+    result = extract(fs, path, dest)
     return {
         "point": point.id,
         "short_id": point.short_id,
@@ -128,7 +133,7 @@ def extract_files(image: PointImage, path: str, dest: str, tick: Tick | None = N
     }
 
 
-def walk(fs: FileSystem, top: Entry) -> Iterator[Entry]:
+def walk(fs: FileTree, top: Entry) -> Iterator[Entry]:
     """``top`` and everything below it, depth first; a directory met twice (a loop in a damaged
     image) is not entered again."""
     seen = {top.inode}
@@ -141,7 +146,7 @@ def walk(fs: FileSystem, top: Entry) -> Iterator[Entry]:
         yield entry
         if entry.kind == "dir" and (entry is top or entry.inode not in seen) and len(stack) < MAX_DEPTH:
             seen.add(entry.inode)
-            stack.append(fs.children(entry))
+            stack.append(iter(fs.children(entry)))
 
 
 def _data_runs(data: bytes, page: int = 4096) -> Iterator[tuple[int, int]]:
@@ -170,7 +175,7 @@ class ExtractResult:
 
 
 class _Extractor:
-    def __init__(self, fs: FileSystem, dest: str, owners: bool, tick: Tick | None = None) -> None:
+    def __init__(self, fs: FileTree, dest: str, owners: bool, tick: Tick | None = None) -> None:
         self.fs = fs
         self.tick = tick or _no_progress
         self.dest = dest
@@ -339,9 +344,7 @@ class _Extractor:
             self.warn(f"{self.shown(rel)}: extended attribute {name.decode(errors='replace')} not set ({exc.strerror})")
 
 
-def extract(
-    fs: FileSystem, path: str, dest: str, owners: bool | None = None, tick: Tick | None = None
-) -> ExtractResult:
+def extract(fs: FileTree, path: str, dest: str, owners: bool | None = None, tick: Tick | None = None) -> ExtractResult:
     """Extract ``path`` (a file, or a directory with everything below it) into directory ``dest``:
     ``/`` extracts the filesystem's contents into ``dest``, anything else becomes ``dest/NAME``.
 

@@ -1,8 +1,10 @@
-"""A filesystem parser in a process of its own, for readers that live long (``mount --files``).
+"""A filesystem parser in a process of its own: ``ls``, ``extract`` and ``mount --files`` read the
+filesystem inside a point through it.
 
-``ls`` and ``extract`` fork one child per command (:mod:`umbra.engine.isolated`).  A mount answers
-calls for hours from a process with threads, so its parser is a fresh interpreter instead (never a
-fork of the threaded mount), started before the first call and again after a failure.  The child
+The filesystem came from the backed-up machine (a virtual machine's guest may be hostile) and The
+Sleuth Kit that parses it is C.  The parser is a fresh interpreter (never a fork: a fork would
+carry the repository's keys, and a mount has threads), started before the first call and again
+after a failure.  The child
 holds no keys and no repository: it asks the parent for every range of the image it reads, over
 its stdin and stdout.  Started as root, it drops to ``nobody`` once its modules are loaded, and its
 address space is capped, so a parser subverted by a crafted image holds nothing worth having.
@@ -19,6 +21,7 @@ Wire format, both ways: frames of ``<II`` (header length, payload length), a JSO
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import logging
 import os
@@ -29,20 +32,24 @@ import subprocess
 import sys
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from typing import IO, Any, TypeVar
 
 from umbra.engine.files import NewReads
 from umbra.engine.isolated import STALL_S, ended_reason, stalled_reason
 from umbra.errors import FileSystemError, UmbraError
-from umbra.volume.filesystem import KIND_MODE, Entry, FileSystem, Reader
+from umbra.volume.filesystem import KIND_MODE, Entry, FileSystem, FileTree, Reader
 
 T = TypeVar("T")
 log = logging.getLogger(__name__)
 _FRAME = struct.Struct("<II")
-MAX_HEADER = 16 << 20  # a directory of ~100k entries
+MAX_HEADER = 256 << 20  # a directory of about a million entries
 MAX_PAYLOAD = 64 << 20  # a FUSE read is at most a few MiB; the parent asks for no more
 CHILD_MEMORY = 4 << 30  # the child's address space (RLIMIT_AS)
+READ_BLOCK = 64 << 10  # the child asks for the image in blocks this big (a repository block) ...
+READ_BLOCKS = 256  # ... and keeps this many
+PIPE_BYTES = 1 << 20  # (Linux's default limit for an unprivileged pipe)
 NOBODY = 65534
 _ENTRY_INTS = ("inode", "mode", "uid", "gid", "size", "nlink", "atime_ns", "mtime_ns", "ctime_ns")
 
@@ -51,9 +58,8 @@ class _ReaderFailed(Exception):
     """The child must go (crashed, stalled, or answered nonsense); args[0] says why."""
 
 
-class ParserProcess:
-    """The parts of :class:`FileSystem` a file tree uses (``root``, ``children``, ``read_at``,
-    ``xattrs``), answered by a child process.  Thread-safe: one call at a time.
+class ParserProcess(FileTree):
+    """A :class:`FileTree` answered by a child process.  Thread-safe: one call at a time.
 
     Raises:
         FileSystemError: from the constructor if the filesystem cannot be read; from a call if the
@@ -105,6 +111,22 @@ class ParserProcess:
         request = {"op": "read_at", "entry": entry_to_wire(entry), "offset": offset, "size": size}
         return self._call(request, f"reading {_shown(entry)}", check)
 
+    def data_ranges(self, entry: Entry) -> list[tuple[int, int]] | None:
+        def check(answer: object, _: bytes) -> list[tuple[int, int]] | None:
+            if answer is None:
+                return None
+            if not isinstance(answer, list) or not all(
+                isinstance(r, list)
+                and len(r) == 2
+                and all(type(n) is int for n in r)
+                and 0 <= r[0] < r[1] <= entry.size
+                for r in answer
+            ):
+                raise _ReaderFailed("the filesystem reader sent ranges outside the file")
+            return [(int(start), int(end)) for start, end in answer]
+
+        return self._call({"op": "data_ranges", "entry": entry_to_wire(entry)}, f"mapping {_shown(entry)}", check)
+
     def xattrs(self, entry: Entry) -> list[tuple[bytes, bytes]]:
         def check(answer: object, _: bytes) -> list[tuple[bytes, bytes]]:
             if not isinstance(answer, list) or not all(
@@ -122,6 +144,12 @@ class ParserProcess:
     def close(self) -> None:
         with self._lock:
             self._stop()
+
+    def __enter__(self) -> ParserProcess:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     @property
     def pid(self) -> int | None:
@@ -149,6 +177,9 @@ class ParserProcess:
             stdout=subprocess.PIPE,
             close_fds=True,
         )
+        for stream in (self._proc.stdin, self._proc.stdout):
+            with contextlib.suppress(OSError):  # fewer, larger hand-overs of file data (64 KiB by default)
+                fcntl.fcntl(stream.fileno(), fcntl.F_SETPIPE_SZ, PIPE_BYTES)  # type: ignore[union-attr]
 
         def check(answer: object, _: bytes) -> tuple[str, Entry]:
             if not isinstance(answer, dict) or not isinstance(answer.get("type"), str):
@@ -160,6 +191,7 @@ class ParserProcess:
 
         request = {"op": "open", "size": self._size, "label": self.label}
         self.type_name, self._root = self._watched(request, "opening the filesystem", check)
+        self.root_inode = self._root.inode
 
     def _stop(self) -> None:
         proc, self._proc = self._proc, None
@@ -197,7 +229,9 @@ class ParserProcess:
         while True:
             header, payload = self._receive(proc, deadline)
             if "read" in header:
+                serving = time.monotonic()
                 self._serve_read(proc.stdin, header["read"])
+                deadline += time.monotonic() - serving  # (a slow repository is not the parser's stall)
                 if self._progress:
                     self._progress = False
                     deadline = time.monotonic() + self.stall_s
@@ -226,15 +260,17 @@ class ParserProcess:
     def _read_exactly(self, proc: subprocess.Popen[bytes], size: int, deadline: float) -> bytes:
         assert proc.stdout is not None
         fd = proc.stdout.fileno()
-        out = bytearray()
-        while len(out) < size:
-            ready, _, _ = select.select([fd], [], [], max(0.0, deadline - time.monotonic()))
-            if not ready:
-                raise _ReaderFailed(stalled_reason(self.stall_s))
-            chunk = os.read(fd, min(size - len(out), 1 << 20))
-            if not chunk:
-                raise _ReaderFailed(_ended(proc))
-            out += chunk
+        out = bytearray(size)
+        got = 0
+        with memoryview(out) as view:
+            while got < size:
+                ready, _, _ = select.select([fd], [], [], max(0.0, deadline - time.monotonic()))
+                if not ready:
+                    raise _ReaderFailed(stalled_reason(self.stall_s))
+                n = os.readv(fd, [view[got:]])
+                if not n:
+                    raise _ReaderFailed(_ended(proc))
+                got += n
         return bytes(out)
 
     def _serve_read(self, stream: IO[bytes], request: object) -> None:
@@ -323,6 +359,10 @@ def _entry(doc: object) -> Entry:
         raise _ReaderFailed(f"the filesystem reader sent {exc}") from None
 
 
+def _is_range(r: object, size: int) -> bool:
+    return isinstance(r, list) and len(r) == 2 and all(type(n) is int for n in r) and 0 <= r[0] < r[1] <= size
+
+
 def _shown(entry: Entry) -> str:
     return entry.path.decode(errors="replace")
 
@@ -361,8 +401,32 @@ class _Child:
     def __init__(self, inp: IO[bytes], out: IO[bytes]) -> None:
         self.inp, self.out = inp, out
         self.fs: FileSystem | None = None
+        self._blocks: OrderedDict[int, bytes] = OrderedDict()  # block number -> its bytes (LRU)
 
     def read(self, offset: int, length: int) -> bytes:
+        """The image's bytes, through a small cache of READ_BLOCK blocks: The Sleuth Kit reads
+        a file a few KiB at a time, and every trip to the parent costs two context switches."""
+        if length <= 0:
+            return b""
+        if length > 4 * READ_BLOCK:
+            return self._fetch(offset, length)
+        first, last = offset // READ_BLOCK, (offset + length - 1) // READ_BLOCK
+        missing = [b for b in range(first, last + 1) if b not in self._blocks]
+        if missing:
+            data = self._fetch(missing[0] * READ_BLOCK, (missing[-1] + 1 - missing[0]) * READ_BLOCK)
+            for b in range(missing[0], missing[-1] + 1):
+                start = (b - missing[0]) * READ_BLOCK
+                self._blocks[b] = data[start : start + READ_BLOCK]
+        parts = []
+        for b in range(first, last + 1):
+            self._blocks.move_to_end(b)
+            parts.append(self._blocks[b])
+        while len(self._blocks) > READ_BLOCKS:
+            self._blocks.popitem(last=False)
+        skip = offset - first * READ_BLOCK
+        return b"".join(parts)[skip : skip + length]
+
+    def _fetch(self, offset: int, length: int) -> bytes:
         _send(self.out, {"read": [offset, length]})
         frame = _receive_trusted(self.inp)
         if frame is None:
@@ -383,6 +447,9 @@ class _Child:
             return [entry_to_wire(child) for child in self.fs.children(entry)], b""
         if op == "read_at":
             return None, self.fs.read_at(entry, int(header["offset"]), int(header["size"]))
+        if op == "data_ranges":
+            ranges = self.fs.data_ranges(entry)
+            return (None if ranges is None else [list(r) for r in ranges]), b""
         if op == "xattrs":
             return [[name.decode("latin-1"), value.decode("latin-1")] for name, value in self.fs.xattrs(entry)], b""
         raise ValueError(f"unknown request {op!r}")

@@ -15,28 +15,19 @@ import errno
 import os
 import threading
 from collections import OrderedDict
-from collections.abc import Callable, Iterable
-from typing import Protocol, TypeVar
+from collections.abc import Callable
+from typing import TypeVar
 
 import pyfuse3
 import trio
 
 from umbra.errors import UmbraError
 from umbra.frontends.fuse import FuseMount
-from umbra.volume.filesystem import Entry, safe_name
+from umbra.volume.filesystem import Entry, FileTree, safe_name
 
 INODE_SHIFT = 16  # filesystem inode n is FUSE inode n + INODE_SHIFT; the root is FUSE's ROOT_INODE
 DIR_CACHE = 1024
 T = TypeVar("T")
-
-
-class FileTree(Protocol):
-    """What the mount reads: a :class:`~umbra.volume.filesystem.FileSystem`, or a parser process."""
-
-    def root(self) -> Entry: ...
-    def children(self, directory: Entry) -> Iterable[Entry]: ...
-    def read_at(self, entry: Entry, offset: int, size: int) -> bytes: ...
-    def xattrs(self, entry: Entry) -> list[tuple[bytes, bytes]]: ...
 
 
 class _TreeOps(pyfuse3.Operations):

@@ -7,16 +7,14 @@ import asyncio
 import signal
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import uvloop
 
 from umbra.errors import ServeError
 from umbra.frontends.exports import BlockExport
 from umbra.frontends.nbd.server import NbdServer
-
-if TYPE_CHECKING:
-    from umbra.frontends.fuse_tree import FileTree  # (pyfuse3 only when mounting)
+from umbra.volume.filesystem import FileTree
 
 POLL_S = 0.2
 

@@ -13,7 +13,8 @@ from __future__ import annotations
 import logging
 import stat
 import struct
-from collections.abc import Callable, Iterator
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -133,7 +134,66 @@ def _ns(seconds: int, nanos: int) -> int:
     return int(seconds) * 1_000_000_000 + int(nanos)
 
 
-class FileSystem:
+class FileTree(ABC):
+    """A filesystem tree to read: :class:`FileSystem` here, or a parser in a process of its own
+    (:class:`umbra.engine.parser_process.ParserProcess`).  ``lookup`` and ``read_file`` are
+    derived from the rest."""
+
+    label: str
+    type_name: str
+    root_inode: int
+
+    @abstractmethod
+    def root(self) -> Entry: ...
+
+    @abstractmethod
+    def children(self, directory: Entry) -> Iterable[Entry]:
+        """The allocated entries of a directory, without ``.`` and ``..``."""
+
+    @abstractmethod
+    def data_ranges(self, entry: Entry) -> list[tuple[int, int]] | None: ...
+
+    @abstractmethod
+    def read_at(self, entry: Entry, offset: int, size: int) -> bytes: ...
+
+    @abstractmethod
+    def xattrs(self, entry: Entry) -> list[tuple[bytes, bytes]]: ...
+
+    def lookup(self, path: str | bytes) -> Entry:
+        """The entry at an absolute path (symlinks are not followed)."""
+        raw = path.encode(errors="surrogateescape") if isinstance(path, str) else path
+        entry = self.root()
+        for part in [p for p in raw.split(b"/") if p and p != b"."]:
+            if entry.kind != "dir":
+                raise FileSystemError(
+                    point=self.label, reason=f"{entry.path.decode(errors='replace')} is not a directory"
+                )
+            found = next((c for c in self.children(entry) if c.name == part), None)
+            if found is None:
+                shown = raw.decode(errors="replace")
+                raise FileSystemError(point=self.label, reason=f"no such file or directory: {shown}")
+            entry = found
+        return entry
+
+    def read_file(self, entry: Entry) -> Iterator[tuple[int, bytes]]:
+        """(offset, data) chunks of a regular file, in order.  Where :meth:`data_ranges` knows the
+        file's runs only the ranges they map are read and holes are left out (a file that claims a
+        terabyte and maps nothing costs nothing); elsewhere holes come back as zeros."""
+        ranges = self.data_ranges(entry)
+        for start, end in [(0, entry.size)] if ranges is None else ranges:
+            offset = start
+            while offset < end:
+                n = min(READ_CHUNK, end - offset)
+                data = self.read_at(entry, offset, n)
+                if len(data) != n:
+                    shown = entry.path.decode(errors="replace")
+                    reason = f"{shown} is shorter than its size ({offset + len(data)} bytes)"
+                    raise FileSystemError(point=self.label, reason=reason)
+                yield offset, data
+                offset += n
+
+
+class FileSystem(FileTree):
     """A read-only filesystem inside a block view.
 
     Raises:
@@ -265,40 +325,7 @@ class FileSystem:
         except TSK_ERRORS as exc:
             raise FileSystemError(point=self.label, reason=f"cannot read directory {directory.path!r}: {exc}") from None
 
-    def lookup(self, path: str | bytes) -> Entry:
-        """The entry at an absolute path (symlinks are not followed)."""
-        raw = path.encode(errors="surrogateescape") if isinstance(path, str) else path
-        entry = self.root()
-        for part in [p for p in raw.split(b"/") if p and p != b"."]:
-            if entry.kind != "dir":
-                raise FileSystemError(
-                    point=self.label, reason=f"{entry.path.decode(errors='replace')} is not a directory"
-                )
-            found = next((c for c in self.children(entry) if c.name == part), None)
-            if found is None:
-                shown = raw.decode(errors="replace")
-                raise FileSystemError(point=self.label, reason=f"no such file or directory: {shown}")
-            entry = found
-        return entry
-
     # --- data --------------------------------------------------------------------------------
-
-    def read_file(self, entry: Entry) -> Iterator[tuple[int, bytes]]:
-        """(offset, data) chunks of a regular file, in order.  Where :meth:`data_ranges` knows the
-        file's runs only the ranges they map are read and holes are left out (a file that claims a
-        terabyte and maps nothing costs nothing); elsewhere holes come back as zeros."""
-        ranges = self.data_ranges(entry)
-        for start, end in [(0, entry.size)] if ranges is None else ranges:
-            offset = start
-            while offset < end:
-                n = min(READ_CHUNK, end - offset)
-                data = self.read_at(entry, offset, n)
-                if len(data) != n:
-                    shown = entry.path.decode(errors="replace")
-                    reason = f"{shown} is shorter than its size ({offset + len(data)} bytes)"
-                    raise FileSystemError(point=self.label, reason=reason)
-                yield offset, data
-                offset += n
 
     def data_ranges(self, entry: Entry) -> list[tuple[int, int]] | None:
         """The byte ranges of a regular file that its data runs map (not sparse), in order and
