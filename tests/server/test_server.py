@@ -300,3 +300,33 @@ def test_points_an_append_only_client_plants_do_not_steer_prune(server: ServerPr
     assert pruned.stderr.count("in the future") == 3
     left = {p.id for p in Repository.open(HttpBackend(url, full), "secret").list_points()}
     assert {p.id for p in real} <= left
+
+
+def test_a_repository_at_its_quota_refuses_writes_and_prune_makes_room(tmp_path: Path) -> None:
+    server = ServerProcess(tmp_path / "srv", "--quota", "3M")
+    try:
+        token, url = server.token("alice"), server.repo_url("alice")
+        env = cli_env(token)
+        assert umbra(env, "init", "--repo", url).returncode == 0
+        small = volume(tmp_path / "small.img", seed=1, size=4 * MiB)  # 128 KiB of data
+        assert umbra(env, "backup", str(small), "--volume", "small", "--repo", url).returncode == 0
+        big = tmp_path / "big.img"
+        big.write_bytes(os.urandom(6 * MiB))
+        refused = umbra(env, "backup", str(big), "--volume", "big", "--repo", url)
+        assert refused.returncode == 21, refused.stderr
+        assert "quota" in refused.stderr and len(refused.stderr.strip().splitlines()) == 1
+        listed = json.loads(umbra(env, "list", "--repo", url, "--json").stdout)
+        assert [p["volume"] for p in listed] == ["small"]  # no point from the refused backup
+        stored = sum(f.stat().st_size for f in (server.root / "repos" / "alice").rglob("*") if f.is_file())
+        assert stored <= 3 * MiB + 512 * 1024  # (at most one pack past it, sent alongside)
+        pruned = umbra(env, "prune", "--keep-last", "1", "--repo", url)  # deletes what the refused run left
+        assert pruned.returncode == 0, pruned.stderr
+        after = sum(f.stat().st_size for f in (server.root / "repos" / "alice").rglob("*") if f.is_file())
+        assert after < 1 * MiB < stored
+        other = volume(tmp_path / "other.img", seed=2, size=16 * MiB)  # 512 KiB of new data
+        again = umbra(env, "backup", str(other), "--volume", "other", "--repo", url)
+        assert again.returncode == 0, again.stderr  # there is room again
+        stats = server.request("GET", "/v1/admin/repos", server.admin_token()).json()
+        assert stats["quota"] == 3 * MiB
+    finally:
+        server.stop()

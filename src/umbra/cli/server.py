@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from umbra.cli.common import JsonOption, emit_json, stderr, stdout
+from umbra.cli.common import JsonOption, emit_json, parse_size, stderr, stdout
 from umbra.errors import UsageError
 from umbra.server.tokens import TokenStore, tokens_path
 
@@ -21,6 +21,9 @@ def serve(
     listen: Annotated[str, typer.Option(help="HOST:PORT to listen on (port 0: any free one).")] = "127.0.0.1:8473",
     tls_cert: Annotated[str | None, typer.Option(help="TLS certificate chain (PEM); with --tls-key.")] = None,
     tls_key: Annotated[str | None, typer.Option(help="TLS private key (PEM).")] = None,
+    quota: Annotated[
+        str | None, typer.Option(help="At most this much in each repository (e.g. 500G); a fuller one refuses writes.")
+    ] = None,
     json_out: JsonOption = False,
 ) -> None:
     """Keep repositories for backup clients over HTTP(S) until SIGTERM or Ctrl-C.  Clients use
@@ -42,7 +45,8 @@ def serve(
         if count == 0:
             stderr.print(f"umbra: no tokens yet: `umbra token add --root {root} --repo NAME` makes one")
 
-    run_server(root, listen, (tls_cert, tls_key) if tls_cert and tls_key else None, ready)
+    limit = parse_size(quota) if quota else None
+    run_server(root, listen, (tls_cert, tls_key) if tls_cert and tls_key else None, ready, limit)
 
 
 token_app = typer.Typer(help="Access tokens of the backup server (`umbra serve`).", no_args_is_help=True)

@@ -32,7 +32,9 @@ carries, until the bucket refills.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import os
 import re
 import time
 from collections.abc import Awaitable, Callable
@@ -83,9 +85,11 @@ class _FailedLogins:
 class Server:
     """The repositories under ``root/repos`` and the tokens of ``tokens``."""
 
-    def __init__(self, root: Path, tokens: TokenStore, workers: int = 16) -> None:
+    def __init__(self, root: Path, tokens: TokenStore, workers: int = 16, quota: int | None = None) -> None:
         self.root = root
         self.tokens = tokens
+        self.quota = quota  # bytes per repository, or None
+        self._usage: dict[str, int] = {}  # repository -> bytes it holds (with a quota: counted once, then kept)
         self.executor = ThreadPoolExecutor(workers, thread_name_prefix="umbra-serve")
         self.failed_logins = _FailedLogins()
         self._lock_owners: dict[tuple[str, str], str] = {}  # (repo, lock name) -> token id
@@ -205,7 +209,10 @@ class Server:
             raise web.HTTPForbidden(text="this token may not replace objects\n")
         async with self._body_slot():
             data = await request.read()
-            await self.run(backend.store, name, data, replace)
+            if self.quota is None:
+                await self.run(backend.store, name, data, replace)
+            else:
+                await self._store_within_quota(token.repo, backend, name, data, replace)
         if name.startswith("locks/") and not replace:
             self._lock_owners[(token.repo, name)] = token.id
         return web.Response(status=201)
@@ -214,7 +221,10 @@ class Server:
         backend, name, token = self._backend(request), self._name(request), request[TOKEN_KEY]
         if not self._may_change(token, name):
             raise web.HTTPForbidden(text="this token may not delete objects\n")
+        size = await self.run(backend.size, name) if token.repo in self._usage else 0
         await self.run(backend.delete, name)
+        if token.repo in self._usage:
+            self._usage[token.repo] -= size
         self._lock_owners.pop((token.repo, name), None)
         return web.Response(status=204)
 
@@ -229,6 +239,7 @@ class Server:
     async def temporaries(self, request: web.Request) -> web.Response:
         if request[TOKEN_KEY].role != "full":
             raise web.HTTPForbidden(text="this token may not remove objects\n")
+        self._usage.pop(request[TOKEN_KEY].repo, None)  # (counted again when needed)
         return web.json_response({"removed": await self.run(self._backend(request).remove_temporaries)})
 
     async def health(self, request: web.Request) -> web.Response:
@@ -238,7 +249,25 @@ class Server:
         """Every repository's statistics (admin tokens)."""
         root = self.root
         stats = await self.run(lambda: [repo_stats(root, name).to_dict() for name in all_repos(root)])
-        return web.json_response({"repos": stats})
+        return web.json_response({"repos": stats, "quota": self.quota})
+
+    async def _store_within_quota(
+        self, repo: str, backend: LocalBackend, name: str, data: bytes, replace: bool
+    ) -> None:
+        """Store unless the repository would pass the quota (checked before each object: two
+        uploads at once may pass it by one object)."""
+        if repo not in self._usage:
+            self._usage[repo] = await self.run(_bytes_under, backend.root)
+        old = 0
+        if replace:
+            with contextlib.suppress(ObjectMissing):
+                old = await self.run(backend.size, name)
+        assert self.quota is not None
+        if self._usage[repo] - old + len(data) > self.quota:
+            log.warning("repository %s is at its quota of %d bytes: refused %s", repo, self.quota, name)
+            raise web.HTTPInsufficientStorage(text=f"the repository is at its quota of {self.quota} bytes\n")
+        await self.run(backend.store, name, data, replace)
+        self._usage[repo] += len(data) - old
 
     def _body_slot(self) -> asyncio.Semaphore:
         """At most MAX_BODIES objects in memory at once, however many clients send or fetch packs."""
@@ -249,3 +278,7 @@ class Server:
     def _may_change(self, token: Token, name: str) -> bool:
         """Full tokens change anything; append-only ones only the lock files they created."""
         return token.role == "full" or self._lock_owners.get((token.repo, name)) == token.id
+
+
+def _bytes_under(path: Path) -> int:
+    return sum(os.stat(os.path.join(d, f)).st_size for d, _, files in os.walk(path) for f in files)

@@ -28,6 +28,7 @@ def serve(
     listen: str,
     tls: tuple[str, str] | None = None,
     ready: Callable[[str], None] | None = None,
+    quota: int | None = None,
 ) -> None:
     """Serve the repositories under ``root``; ``ready`` gets the URL once it listens."""
     host, port = parse_listen(listen)
@@ -39,7 +40,7 @@ def serve(
         except (OSError, ssl.SSLError) as exc:
             raise ServeError(name="serve", reason=f"cannot load the TLS certificate and key: {exc}") from None
     (root / "repos").mkdir(parents=True, exist_ok=True)
-    uvloop.run(_serve(Server(root, TokenStore(tokens_path(root))), host, port, context, ready))
+    uvloop.run(_serve(Server(root, TokenStore(tokens_path(root)), quota=quota), host, port, context, ready))
 
 
 async def _serve(

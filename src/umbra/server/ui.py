@@ -138,10 +138,11 @@ class WebUI:
         root = self.server.root
         stats = await self.server.run(lambda: [repo_stats(root, name) for name in all_repos(root)])
         tokens = sorted(self.server.tokens.tokens().values(), key=lambda t: (t.repo, t.created))
+        repos, tokens_table = _repos_table(stats, self.server.quota), _tokens_table(tokens, admin, session.csrf)
         body = (
             f"<h1>umbra backup server</h1><p>{escape(str(root))} &middot; logged in with token {escape(admin.id)} "
             f"{_form('/ui/logout', session.csrf, 'Log out')}</p>"
-            f"<h2>Repositories</h2>{_repos_table(stats)}<h2>Tokens</h2>{_tokens_table(tokens, admin, session.csrf)}"
+            f"<h2>Repositories</h2>{repos}<h2>Tokens</h2>{tokens_table}"
         )
         return _page("umbra backup server", body)
 
@@ -186,10 +187,11 @@ def _size(n: int) -> str:
     return f"{n} B" if unit == "B" else f"{size:.1f} {unit}"
 
 
-def _repos_table(stats: list[RepoStats]) -> str:
+def _repos_table(stats: list[RepoStats], quota: int | None) -> str:
     if not stats:
         return "<p>No repositories yet.</p>"
     rows = []
+    of_quota = f" of {_size(quota)}" if quota else ""
     for s in stats:
         locks = ", ".join(
             f'<span class="{"error" if lock.stale else "busy"}">'
@@ -200,7 +202,7 @@ def _repos_table(stats: list[RepoStats]) -> str:
         rows.append(
             f'<tr id="repo-{escape(s.name)}"><td>{escape(s.name)}</td>'
             + (
-                f'<td class="n">{_size(s.bytes)}</td><td class="n">{s.packs}</td>'
+                f'<td class="n">{_size(s.bytes)}{of_quota}</td><td class="n">{s.packs}</td>'
                 f'<td class="n points">{s.points}</td><td>{_when(s.newest_point)}</td><td>{locks or "-"}</td>'
                 if s.exists
                 else '<td colspan="5">not initialised</td>'

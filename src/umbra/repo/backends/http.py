@@ -74,7 +74,7 @@ class HttpBackend(Backend):
         if status == 403:
             raise ServerAccessDenied(location=self.location, reason=f"{text} ({what})")
         if status == 507:
-            raise RepositoryFull(name=what)
+            raise RepositoryFull(f"the backup server refused {what}: {text}", name=what)
         raise RepositoryIOError(name=what, reason=f"the server answered {status}: {text}")
 
     def _object(self, name: str) -> str:
