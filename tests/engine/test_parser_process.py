@@ -212,6 +212,9 @@ elif scenario == "json":
     out.write(struct.pack("<II", 3, 0) + b"{{{"); out.flush()
 elif scenario == "error":
     send({"error": ["RepositoryNotFound", "a lie"]})
+elif scenario == "close":
+    import os, time
+    out.close(); os.close(1); time.sleep(60)
 sys.stdin.read()
 """
 
@@ -223,6 +226,7 @@ sys.stdin.read()
         ("huge", "sent an oversized message"),
         ("read", "sent a read request that is not"),
         ("json", "sent a message that is not JSON"),
+        ("close", "closed its output without ending"),
     ],
 )
 def test_a_subverted_reader_is_one_error(
@@ -231,7 +235,7 @@ def test_a_subverted_reader_is_one_error(
     script = tmp_path / "subverted.py"
     script.write_text(SUBVERTED)
     monkeypatch.setattr(parser_process, "child_command", lambda: [sys.executable, str(script), scenario])
-    parser = ParserProcess(lambda o, n: bytes(n), SIZE, "fs")
+    parser = ParserProcess(lambda o, n: bytes(n), SIZE, "fs", stall_s=1)
     try:
         with pytest.raises(FileSystemError, match=message):
             parser.children(parser.root())

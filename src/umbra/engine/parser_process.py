@@ -115,13 +115,7 @@ class ParserProcess(FileTree):
         def check(answer: object, _: bytes) -> list[tuple[int, int]] | None:
             if answer is None:
                 return None
-            if not isinstance(answer, list) or not all(
-                isinstance(r, list)
-                and len(r) == 2
-                and all(type(n) is int for n in r)
-                and 0 <= r[0] < r[1] <= entry.size
-                for r in answer
-            ):
+            if not isinstance(answer, list) or not all(_is_range(r, entry.size) for r in answer):
                 raise _ReaderFailed("the filesystem reader sent ranges outside the file")
             return [(int(start), int(end)) for start, end in answer]
 
@@ -213,9 +207,10 @@ class ParserProcess(FileTree):
             try:
                 answer, payload = self._exchange(proc, request)
                 return check(answer, payload)
-            except OSError as exc:  # the pipe broke: the child died
-                proc.wait(timeout=self.stall_s)
-                raise _ReaderFailed(_ended(proc) if proc.poll() is not None else f"its pipe failed: {exc}") from None
+            except OSError as exc:  # the pipe broke: the child died, or closed it
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    proc.wait(timeout=self.stall_s)
+                raise _ReaderFailed(_ended(proc, 0) if proc.poll() is not None else f"its pipe failed: {exc}") from None
         except _ReaderFailed as exc:
             self._stop()
             log.warning("%s: %s while %s; a new reader starts with the next call", self.label, exc, what)
@@ -269,7 +264,7 @@ class ParserProcess(FileTree):
                     raise _ReaderFailed(stalled_reason(self.stall_s))
                 n = os.readv(fd, [view[got:]])
                 if not n:
-                    raise _ReaderFailed(_ended(proc))
+                    raise _ReaderFailed(_ended(proc, self.stall_s))
                 got += n
         return bytes(out)
 
@@ -360,6 +355,7 @@ def _entry(doc: object) -> Entry:
 
 
 def _is_range(r: object, size: int) -> bool:
+    """Is ``r`` a [start, end) pair of ints within a file of ``size`` bytes?"""
     return isinstance(r, list) and len(r) == 2 and all(type(n) is int for n in r) and 0 <= r[0] < r[1] <= size
 
 
@@ -367,9 +363,15 @@ def _shown(entry: Entry) -> str:
     return entry.path.decode(errors="replace")
 
 
-def _ended(proc: subprocess.Popen[bytes]) -> str:
-    """Why the child ended without an answer (it is reaped here)."""
-    code = proc.wait()
+def _ended(proc: subprocess.Popen[bytes], wait_s: float) -> str:
+    """Why the child ended without an answer (it is reaped here; one that closed its output and
+    lives on for ``wait_s`` is killed)."""
+    try:
+        code = proc.wait(timeout=wait_s)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+        return "the filesystem reader closed its output without ending"
     return ended_reason(-code if code < 0 else None, code)
 
 
