@@ -11,8 +11,6 @@ what the network path costs when the network is free.  Never part of CI.
 from __future__ import annotations
 
 import argparse
-import datetime
-import ipaddress
 import json
 import os
 import random
@@ -22,12 +20,11 @@ import sys
 import time
 from pathlib import Path
 
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
-
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "src"))
+
+from umbra.testing.tls import self_signed  # noqa: E402
+
 MiB = 1 << 20
 
 
@@ -42,30 +39,6 @@ def make_volume(path: Path, size: int, seed: int, change: float = 0.0) -> None:
         for _ in range(int(size / MiB * change)):
             f.seek(rng.randrange(size // MiB) * MiB)
             f.write(rng.randbytes(MiB))
-
-
-def certificate(directory: Path) -> tuple[Path, Path]:
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
-    now = datetime.datetime.now(datetime.UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), False)
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .sign(key, hashes.SHA256())
-    )
-    cert_path, key_path = directory / "cert.pem", directory / "key.pem"
-    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(
-        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
-    )
-    return cert_path, key_path
 
 
 def umbra(env: dict[str, str], *args: str) -> float:
@@ -96,7 +69,7 @@ def main() -> None:
     shutil.rmtree(args.work, ignore_errors=True)
     args.work.mkdir(parents=True)
     base = {**os.environ, "UMBRA_PASSWORD": "bench", "UMBRA_CACHE_DIR": str(args.work / "cache")}
-    cert, key = certificate(args.work)
+    cert, key = self_signed(args.work)
     results: dict[str, dict[str, float]] = {}
     for target in ("local", "http", "https"):
         volume = args.work / "volume.img"

@@ -4,8 +4,6 @@ and the CLI backs up and restores through it, over TLS too."""
 
 from __future__ import annotations
 
-import datetime
-import ipaddress
 import json
 import os
 import subprocess
@@ -17,10 +15,6 @@ from datetime import timedelta
 from pathlib import Path
 
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 
 from tests.server.helpers import MiB, ServerProcess, alice_with_a_point, cli_env, umbra, volume
 from umbra.repo.backends.http import HttpBackend
@@ -28,6 +22,7 @@ from umbra.repo.manifest import seal_point
 from umbra.repo.repository import Repository
 from umbra.server.app import Server
 from umbra.server.tokens import TokenStore
+from umbra.testing.tls import self_signed
 
 
 @pytest.fixture
@@ -191,30 +186,6 @@ def test_concurrent_clients_back_up_and_restore(server: ServerProcess, tmp_path:
     for t in threads:
         t.join(300)
     assert results == {f"client{n}": "ok" for n in range(4)}
-
-
-def self_signed(directory: Path) -> tuple[Path, Path]:
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
-    now = datetime.datetime.now(datetime.UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), False)
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .sign(key, hashes.SHA256())
-    )
-    cert_path, key_path = directory / "cert.pem", directory / "key.pem"
-    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(
-        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
-    )
-    return cert_path, key_path
 
 
 def test_tls_with_the_servers_certificate_authority(tmp_path: Path) -> None:
