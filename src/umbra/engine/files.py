@@ -78,14 +78,14 @@ class PointImage:
 
 def open_image(repo: Repository, ref: str) -> PointImage:
     """Resolve ``ref`` and load the index: the repository's part of the work, done before the
-    filesystem is parsed (in a child, where a slow index load would look like a stalled parser)."""
+    parser starts, so that its first read does not wait for the whole index."""
     inst, view = open_state(repo, ref)
     point = inst.point
     if point.content == btrfs_send.CONTENT:
         raise FileSystemError(
             point=ref, reason="a btrfs subvolume stored as its send stream: `umbra restore` it into a btrfs directory"
         )
-    repo.index  # noqa: B018 - loaded now, inherited by the child
+    repo.index  # noqa: B018 - loaded now
     return PointImage(ref, point, view)
 
 

@@ -1,8 +1,9 @@
 """Run a filesystem parser in a child process that may crash or hang without taking umbra along.
 
-``ls`` and ``extract`` parse a filesystem that came from the backed-up machine: a virtual machine's
-guest, for example, which may be damaged or hostile.  The Sleuth Kit is C code, so a crafted image
-could crash it or send it into a loop.  :func:`run_isolated` forks, runs the job in the child and
+The filesystem fuzzing harness (:mod:`umbra.testing.fsfuzz`) feeds mutated images to The Sleuth
+Kit, C code that a crafted image could crash or send into a loop.  (The commands themselves parse
+through :mod:`umbra.engine.parser_process`, which holds no keys.)  :func:`run_isolated` forks, runs
+the job in the child and
 watches it: the child reports progress (new blocks read, entries found, file data written), and a
 child that makes none for ``stall_s`` seconds is killed.  A crash or a stall becomes one
 :class:`FileSystemError`; an umbra error raised in the child is raised again in the parent.
